@@ -1,0 +1,258 @@
+"""LRA classifiers: the Luna encoder (post-LN, P updated per layer) and a generic encoder that
+runs any attention of the family, plus the classification head and the Retrieval dual encoder.
+
+Luna follows the official `LunaSentenceEncoder` for LRA (see ../shared/reference/luna.md §2-3):
+learned positions (pads get none), a learned P [l, D], dynamic projection (slot j of example b is
+masked when j >= number of real tokens of b), separate embedding LayerNorms for x and P, post-LN
+layers, CLS or mean readout, Dense -> ReLU -> Dense(no bias) head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from luna_jax.attention import get_attention
+
+Array = jax.Array
+LN_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static, hashable model description (built from `config.model` and the task)."""
+  vocab_size: int
+  num_classes: int
+  max_len: int                         # length of the position table
+  pad_id: int | None = 0               # None: no padding (Image, Pathfinder)
+  num_docs: int = 1                    # 2: Retrieval dual encoder
+  attention: str = "luna"
+  attention_kwargs: tuple[tuple[str, Any], ...] = ()   # mechanism-specific options
+  proj_len: int = 16
+  num_layers: int = 1
+  emb_dim: int = 128
+  num_heads: int = 4
+  num_pack_heads: int = 0              # 0 -> num_heads
+  mlp_dim: int = 256
+  tie_kv: bool = False
+  tie_layer_weights: bool = False
+  dynamic_projection: bool = True
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  activation_dropout: float = 0.0
+  block: str = "post_ln"               # non-Luna blocks: "post_ln" or "pre_ln" (LRA reference)
+  positions: str = "learned"           # "learned" or "sinusoidal"
+  embedding: str = "tokens"            # "tokens" or "linear" (pixel value / 255 through a Dense)
+  readout: str = "cls"                 # "cls" (position 0) or "mean" (over real tokens)
+  classifier_dim: int = 256
+  retrieval_combine: str = "luna"      # "luna": [doc2, doc1]; "interact": [u, v, u*v, u-v]
+  dtype: str = "float32"               # compute dtype; params and softmax stay float32
+  remat: bool = False
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def torch_linear(features: int, fan_in: int, name: str, use_bias: bool = True,
+                 dtype: Any = jnp.float32) -> nn.Dense:
+  """A Dense with torch.nn.Linear's default init: weight and bias U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  uniform = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=uniform, bias_init=uniform, name=name)
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, name=name)
+
+
+class FeedForward(nn.Module):
+  """fc2(dropout_act(gelu(fc1(x)))), exact (erf) GELU."""
+  mlp_dim: int
+  activation_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array, deterministic: bool) -> Array:
+    d = x_BxNxD.shape[-1]
+    h = torch_linear(self.mlp_dim, d, "fc1", dtype=self.dtype)(x_BxNxD)
+    h = nn.gelu(h, approximate=False)
+    h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
+    return torch_linear(d, self.mlp_dim, "fc2", dtype=self.dtype)(h)
+
+
+class LunaEncoderLayer(nn.Module):
+  """Post-LN Luna layer: X gets attention + FFN, P gets residual + LayerNorm only."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None, p_BxLxD: Array,
+               p_mask_BxL: Array | None, deterministic: bool) -> tuple[Array, Array]:
+    cfg = self.cfg
+    attn = get_attention("luna")(
+        num_heads=cfg.num_heads, num_pack_heads=cfg.num_pack_heads, tie_kv=cfg.tie_kv,
+        dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype,
+        **dict(cfg.attention_kwargs), name="self_attn")
+    drop = nn.Dropout(cfg.dropout)
+    y_BxNxD, yp_BxLxD = attn(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic=deterministic)
+    x_BxNxD = layer_norm("self_attn_layer_norm")(x_BxNxD + drop(y_BxNxD, deterministic))
+    p_BxLxD = layer_norm("atten_proj_layer_norm")(p_BxLxD + drop(yp_BxLxD, deterministic))
+    ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
+    h_BxNxD = drop(ff(x_BxNxD, deterministic), deterministic)
+    x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD + h_BxNxD)
+    return x_BxNxD, p_BxLxD
+
+
+class EncoderLayer(nn.Module):
+  """A Transformer layer around any non-Luna attention, pre-LN or post-LN."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None, p_BxLxD: Array | None,
+               p_mask_BxL: Array | None, deterministic: bool) -> tuple[Array, None]:
+    cfg = self.cfg
+    attn = get_attention(cfg.attention)(
+        num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype,
+        **dict(cfg.attention_kwargs), name="self_attn")
+    ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
+    drop = nn.Dropout(cfg.dropout)
+    if cfg.block == "pre_ln":
+      y_BxNxD, _ = attn(layer_norm("self_attn_layer_norm")(x_BxNxD), mask_BxN,
+                        deterministic=deterministic)
+      x_BxNxD = x_BxNxD + drop(y_BxNxD, deterministic)
+      h_BxNxD = ff(layer_norm("final_layer_norm")(x_BxNxD), deterministic)
+      return x_BxNxD + drop(h_BxNxD, deterministic), None
+    y_BxNxD, _ = attn(x_BxNxD, mask_BxN, deterministic=deterministic)
+    x_BxNxD = layer_norm("self_attn_layer_norm")(x_BxNxD + drop(y_BxNxD, deterministic))
+    h_BxNxD = ff(x_BxNxD, deterministic)
+    return layer_norm("final_layer_norm")(x_BxNxD + drop(h_BxNxD, deterministic)), None
+
+
+def sinusoidal_table(num: int, dim: int) -> np.ndarray:
+  """[num, dim] sine/cosine position table (Vaswani et al.); row 0 is position 0."""
+  pos = np.arange(num)[:, None]
+  inv = np.exp(-math.log(10000.0) * np.arange(0, dim, 2) / dim)
+  table = np.zeros((num, dim), np.float32)
+  table[:, 0::2] = np.sin(pos * inv)
+  table[:, 1::2] = np.cos(pos * inv)[:, : dim // 2]
+  return table
+
+
+class Encoder(nn.Module):
+  """Token ids [B, N] -> pooled features [B, D]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxN: Array, deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    b, n = tokens_BxN.shape
+    d = cfg.emb_dim
+    if n > cfg.max_len:
+      raise ValueError(f"sequence length {n} exceeds the position table (max_len={cfg.max_len})")
+    mask_BxN = (jnp.ones((b, n), bool) if cfg.pad_id is None else tokens_BxN != cfg.pad_id)
+    is_luna = cfg.attention == "luna"
+    emb_std = d**-0.5 if is_luna else 1.0
+
+    # Embeddings. Positions count real tokens from 1; pads get no position.
+    if cfg.embedding == "linear":
+      values = tokens_BxN.astype(jnp.float32)[..., None] / 255.0
+      x_BxNxD = nn.Dense(d, name="embed_values")(values)
+    else:
+      x_BxNxD = nn.Embed(cfg.vocab_size, d, embedding_init=nn.initializers.normal(emb_std),
+                         name="embed_tokens")(tokens_BxN)
+    positions_BxN = jnp.cumsum(mask_BxN, axis=1) * mask_BxN
+    if cfg.positions == "learned":
+      pos_BxNxD = nn.Embed(cfg.max_len + 1, d, embedding_init=nn.initializers.normal(d**-0.5),
+                           name="embed_positions")(positions_BxN)
+    else:
+      pos_BxNxD = jnp.asarray(sinusoidal_table(cfg.max_len + 1, d))[positions_BxN]
+    x_BxNxD = x_BxNxD + pos_BxNxD * mask_BxN[..., None]
+    drop = nn.Dropout(cfg.dropout)
+
+    p_BxLxD = p_mask_BxL = None
+    if is_luna or cfg.block == "post_ln":
+      x_BxNxD = layer_norm("emb_layer_norm")(x_BxNxD)
+    x_BxNxD = drop(x_BxNxD, deterministic) * mask_BxN[..., None]
+    if is_luna:
+      p_LxD = self.param("projected_embeddings", nn.initializers.normal(d**-0.5),
+                         (cfg.proj_len, d))
+      p_LxD = layer_norm("proj_emb_layer_norm")(p_LxD)
+      p_BxLxD = jnp.broadcast_to(p_LxD, (b, cfg.proj_len, d))
+      if cfg.dynamic_projection and cfg.pad_id is not None:
+        # Equivalent to slicing P to the longest real length: extra slots are masked keys.
+        lengths_B = mask_BxN.sum(axis=1)
+        p_mask_BxL = jnp.arange(cfg.proj_len)[None, :] < lengths_B[:, None]
+      p_BxLxD = drop(p_BxLxD, deterministic)
+      if p_mask_BxL is not None:
+        p_BxLxD = p_BxLxD * p_mask_BxL[..., None]
+
+    layer_cls = LunaEncoderLayer if is_luna else EncoderLayer
+    if cfg.remat:
+      layer_cls = nn.remat(layer_cls, static_argnums=(5,))
+    shared = layer_cls(cfg, name="layer") if cfg.tie_layer_weights else None
+    for i in range(cfg.num_layers):
+      layer = shared or layer_cls(cfg, name=f"layers_{i}")
+      x_BxNxD, p_BxLxD = layer(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic)
+    if not is_luna and cfg.block == "pre_ln":
+      x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD)
+
+    if cfg.readout == "cls":
+      return x_BxNxD[:, 0]
+    if cfg.readout == "mean":
+      m = mask_BxN[..., None].astype(x_BxNxD.dtype)
+      return (x_BxNxD * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+    raise ValueError(f"config.model.readout={cfg.readout!r}; expected 'cls' or 'mean'")
+
+
+class Classifier(nn.Module):
+  """Encoder + Dense(C) -> ReLU -> Dense(classes, no bias); two towers for Retrieval."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    encoder = Encoder(cfg, name="encoder")
+    if cfg.num_docs == 2:
+      # inputs [B, 2, N]: both documents through the same encoder, never attending to each other.
+      b, _, n = inputs.shape
+      feats = encoder(inputs.reshape(2 * b, n), deterministic).reshape(b, 2, -1)
+      u_BxD, v_BxD = feats[:, 0], feats[:, 1]
+      if cfg.retrieval_combine == "luna":
+        h = jnp.concatenate([v_BxD, u_BxD], axis=-1)
+      elif cfg.retrieval_combine == "interact":
+        h = jnp.concatenate([u_BxD, v_BxD, u_BxD * v_BxD, u_BxD - v_BxD], axis=-1)
+      else:
+        raise ValueError(f"config.model.retrieval_combine={cfg.retrieval_combine!r}; "
+                         "expected 'luna' or 'interact'")
+    else:
+      h = encoder(inputs, deterministic)
+    h = h.astype(jnp.float32)
+    h = nn.relu(torch_linear(cfg.classifier_dim, h.shape[-1], "classifier_hidden")(h))
+    return torch_linear(cfg.num_classes, cfg.classifier_dim, "classifier_out", use_bias=False)(h)
+
+
+def bert_init(params: Any, key: Array) -> Any:
+  """BERT init (fairseq `init_bert_params`): every Dense kernel and embedding table ~ N(0, 0.02),
+  Dense biases 0. LayerNorms and Luna's P keep their init."""
+  flat = traverse_util.flatten_dict(params)
+  dense_paths = {path[:-1] for path in flat if path[-1] == "kernel"}
+  keys = jax.random.split(key, len(flat))
+  out = {}
+  for (path, leaf), k in zip(flat.items(), keys):
+    if path[-1] in ("kernel", "embedding"):
+      leaf = 0.02 * jax.random.normal(k, leaf.shape, leaf.dtype)
+    elif path[-1] == "bias" and path[:-1] in dense_paths:
+      leaf = jnp.zeros_like(leaf)
+    out[path] = leaf
+  return traverse_util.unflatten_dict(out)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
