@@ -1,0 +1,69 @@
+r"""ListOps (LRA): Luna recipe of the Luna paper; LRA reference recipe for the baselines.
+
+Quick run (built-in generated data, a few minutes on a laptop CPU):
+  python train.py --config=configs/listops.py:quick --workdir=runs/listops_quick
+
+Published recipes (official data in lra_release/listops-1000):
+  python train.py --config=configs/listops.py:luna,l=256 --workdir=runs/listops_luna256 \
+      --config.data_dir=/data/lra_release/listops-1000
+  python train.py --config=configs/listops.py:softmax --workdir=runs/listops_softmax \
+      --config.data_dir=/data/lra_release/listops-1000
+
+Arguments: an attention name (luna [default], softmax, cheap_linear, linear_elu, performer,
+learned_kernel, cosformer), `quick`, and key=value items (`l=16` sets model.proj_len).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  attention, words, kv = common.parse_arg(arg)
+  c = common.base_config()
+  c.task = "listops"
+  c.seq_len = 2001                     # 2000 tokens + CLS
+  c.batch_size = 32
+  c.num_train_steps = 5000
+  c.warmup_steps = 1000
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.listops = ml_collections.ConfigDict(dict(
+      num_train=96_000, num_val=2_000, num_test=2_000, min_length=500, max_length=2000,
+      max_depth=10, max_args=10, seed=0))
+  m = c.model
+  m.attention = attention
+  m.readout = "cls"
+  if attention == "luna":              # Luna paper (recipes-and-results.md)
+    m.proj_len = 256
+    m.num_layers, m.tie_layer_weights = 1, True
+    m.emb_dim, m.mlp_dim, m.num_heads = 512, 2048, 8
+    m.classifier_dim = 2048
+    m.init = "bert"
+    m.dropout = m.attention_dropout = 0.1
+    c.learning_rate, c.weight_decay = 1e-4, 1e-4
+  else:                                # LRA reference recipe
+    common.lra_reference_model(c)
+    m.num_layers, m.num_heads = 4, 8
+    m.emb_dim, m.mlp_dim, m.classifier_dim = 512, 1024, 1024
+    m.dropout = m.attention_dropout = 0.1
+    c.learning_rate, c.weight_decay = 0.05, 0.1
+
+  if "quick" in words:                 # short generated ListOps, small model, CPU minutes
+    c.seq_len = 128
+    c.listops.update(num_train=20_000, num_val=500, num_test=1_000, min_length=20,
+                     max_length=120, max_depth=4, max_args=5, seed=0)
+    c.batch_size = 32
+    c.num_train_steps = 1500
+    c.warmup_steps = 150
+    c.eval_every = 250
+    c.checkpoint_every = 250
+    c.log_every = 50
+    m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 64, 128, 4, 128
+    m.num_layers, m.tie_layer_weights = 2, False
+    m.proj_len = 16
+    m.init = "default"
+    m.dropout = m.attention_dropout = 0.0
+    c.weight_decay = 0.0
+    c.learning_rate = 1e-3 if attention == "luna" else 0.05
+  common.apply_overrides(c, kv)
+  return c

@@ -1,0 +1,76 @@
+"""Linear Transformer attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+  phi(x) = elu(x) + 1
+  out_i  = phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps)
+
+over the real keys (causal: real keys j <= i). phi is applied to the raw per-head projections.
+`dropout_rate` is unused: no attention matrix is ever formed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from luna_jax.attention import common
+from luna_jax.attention import linear_common
+
+Array = jax.Array
+State = dict[str, Array]
+
+
+class LinearEluAttention(nn.Module):
+  """Normalised linear attention with the elu + 1 feature map."""
+  num_heads: int
+  dropout_rate: float = 0.0   # unused (no attention matrix)
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+  causal: bool = False
+  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
+  eps: float = 1e-6
+
+  @nn.compact
+  def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
+               state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
+    """Projections, features and attention; one recurrent step when `state` is given."""
+    d = x_BxNxD.shape[-1]
+
+    def proj(name):
+      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
+                               dtype=self.dtype)
+
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
+        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
+        for name in ("query", "key", "value"))
+    phi_q_BxNxHxK = jax.nn.elu(q_BxNxHxK.astype(jnp.float32)) + 1.0
+    phi_k_BxNxHxK = jax.nn.elu(k_BxNxHxK.astype(jnp.float32)) + 1.0
+    o_BxNxHxK, state = linear_common.attend(
+        phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
+        chunk_size=self.chunk_size, eps=self.eps, mode="eps")
+    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    return y_BxNxD, state, (phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK)
+
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
+               p_mask_BxL: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, None]:
+    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
+    del p_BxLxD, p_mask_BxL, deterministic
+    return self._forward(x_BxNxD, mask_BxN, None)[0], None
+
+  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
+    """(phi(q), phi(k), v), each [B, N, H, dh]."""
+    return self._forward(x_BxNxD, mask_BxN, None)[2]
+
+  def init_state(self, batch_size: int) -> State:
+    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
+    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
+    return linear_common.zero_state(batch_size, self.num_heads, dh, dh)
+
+  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
+           ) -> tuple[Array, State]:
+    """Causal decoding of one token: (y_BxD, new state). mask_B False: state unchanged."""
+    mask_Bx1 = None if mask_B is None else mask_B[:, None]
+    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
+    return y_Bx1xD[:, 0], state
