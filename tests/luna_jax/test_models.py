@@ -1,0 +1,144 @@
+"""The Luna encoder and classifier: padding invariance, dynamic projection, tying, jit, grads."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from luna_jax import models
+
+CFG = models.ModelConfig(vocab_size=20, num_classes=5, max_len=40, proj_len=6, num_layers=2,
+                         emb_dim=16, num_heads=4, mlp_dim=32, classifier_dim=24,
+                         dropout=0.1, attention_dropout=0.1)
+
+
+def _tokens(lengths=(40, 25), n=40, seed=0):
+  t = jax.random.randint(jax.random.key(seed), (len(lengths), n), 1, CFG.vocab_size)
+  return jnp.where(jnp.arange(n)[None] < jnp.array(lengths)[:, None], t, 0)
+
+
+def _init(cfg=CFG, tokens=None):
+  tokens = _tokens() if tokens is None else tokens
+  model = models.Classifier(cfg)
+  return model, model.init(jax.random.key(0), tokens)["params"], tokens
+
+
+@pytest.mark.parametrize("readout", ["cls", "mean"])
+def test_padded_tokens_change_no_logit(readout):
+  cfg = dataclasses.replace(CFG, readout=readout)
+  model, params, tokens = _init(cfg)
+  logits = model.apply({"params": params}, tokens)
+  # Same lengths, different tokens (but still pads) past the end: pads are pad_id -> identical.
+  # Now change the *length* of padding by appending more pads at the end of a longer buffer:
+  longer = jnp.pad(tokens, ((0, 0), (0, 0)))
+  np.testing.assert_allclose(model.apply({"params": params}, longer), logits, atol=1e-5)
+  # Changing tokens after the end of example 1 to other pad-free values would change its length;
+  # instead check the encoder output does not depend on x at padded positions by perturbing the
+  # embedding of pad (row 0), which only padded positions read.
+  p2 = jax.tree.map(lambda a: a, params)
+  emb = p2["encoder"]["embed_tokens"]["embedding"]
+  p2["encoder"]["embed_tokens"]["embedding"] = emb.at[0].add(5.0)
+  np.testing.assert_allclose(model.apply({"params": p2}, tokens), logits, atol=1e-5)
+
+
+def test_logits_do_not_depend_on_the_amount_of_padding():
+  model, params, tokens = _init()
+  logits = model.apply({"params": params}, tokens[1:, :25])       # example 1, no padding
+  padded = model.apply({"params": params}, tokens[1:])             # same example, 15 pads
+  np.testing.assert_allclose(padded, logits, atol=1e-5)
+
+
+def test_dynamic_projection_masks_slots_beyond_length():
+  cfg = dataclasses.replace(CFG, proj_len=30)
+  model, params, tokens = _init(cfg)
+  short = tokens.at[:, 4:].set(0)                                   # 4 real tokens, 30 slots
+  logits = model.apply({"params": params}, short)
+  # Slots >= 4 are masked: perturbing P rows >= 4 changes nothing.
+  p2 = jax.tree.map(lambda a: a, params)
+  p2["encoder"]["projected_embeddings"] = params["encoder"]["projected_embeddings"].at[4:].add(
+      jax.random.normal(jax.random.key(4), (26, 16)))
+  np.testing.assert_allclose(model.apply({"params": p2}, short), logits, atol=1e-5)
+  # Without dynamic projection they matter.
+  cfg_off = dataclasses.replace(cfg, dynamic_projection=False)
+  off = models.Classifier(cfg_off)
+  assert np.abs(off.apply({"params": p2}, short) - off.apply({"params": params}, short)
+                ).max() > 1e-4
+
+
+def test_tied_layer_weights_share_one_layer():
+  _, tied, _ = _init(dataclasses.replace(CFG, tie_layer_weights=True))
+  _, untied, _ = _init(CFG)
+  assert "layer" in tied["encoder"] and "layers_1" not in tied["encoder"]
+  assert "layers_0" in untied["encoder"] and "layers_1" in untied["encoder"]
+  assert models.count_params(tied) < models.count_params(untied)
+
+
+def test_jit_compiles_once_and_gradients_are_finite():
+  model, params, tokens = _init()
+  traces = []
+
+  @jax.jit
+  def loss(params, tokens, key):
+    traces.append(1)
+    logits = model.apply({"params": params}, tokens, deterministic=False,
+                         rngs={"dropout": key})
+    return jax.nn.log_softmax(logits)[:, 0].mean()
+
+  g = jax.grad(loss)
+  grads = jax.jit(g)(params, tokens, jax.random.key(1))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
+  assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(grads)) > 0
+  loss(params, tokens, jax.random.key(1))
+  n = len(traces)
+  loss(params, _tokens(seed=3), jax.random.key(2))
+  loss(params, _tokens(lengths=(3, 40), seed=4), jax.random.key(3))
+  assert n >= 1 and len(traces) == n          # new data and lengths: no retrace
+
+
+def test_no_padding_tasks_keep_zero_tokens():
+  cfg = dataclasses.replace(CFG, pad_id=None, readout="mean", vocab_size=256)
+  model, params, tokens = _init(cfg, jnp.zeros((2, 40), jnp.int32).at[0, 5].set(200))
+  logits = model.apply({"params": params}, tokens)
+  # Black pixels (token 0) are real tokens: changing one changes the output.
+  logits2 = model.apply({"params": params}, tokens.at[0, 20].set(7))
+  assert np.abs(logits2[0] - logits[0]).max() > 1e-5
+
+
+def test_bert_init_replaces_dense_and_embeddings_only():
+  _, params, _ = _init()
+  bert = models.bert_init(params, jax.random.key(5))
+  k = np.asarray(bert["encoder"]["layers_0"]["ffn"]["fc1"]["kernel"])
+  assert abs(k.std() - 0.02) < 0.004
+  np.testing.assert_array_equal(bert["encoder"]["layers_0"]["ffn"]["fc1"]["bias"], 0.0)
+  np.testing.assert_array_equal(bert["encoder"]["emb_layer_norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(bert["encoder"]["projected_embeddings"],
+                                params["encoder"]["projected_embeddings"])
+
+
+def test_dual_encoder_keeps_documents_apart():
+  cfg = dataclasses.replace(CFG, num_docs=2, num_classes=2)
+  model = models.Classifier(cfg)
+  docs = jnp.stack([_tokens(seed=1), _tokens(seed=2)], axis=1)        # [B, 2, N]
+  params = model.init(jax.random.key(0), docs)["params"]
+  enc = models.Encoder(cfg)
+  feats = lambda d: enc.apply({"params": params["encoder"]}, d)
+  f1 = feats(docs[:, 0])
+  docs2 = docs.at[:, 1].set(_tokens(seed=7))
+  np.testing.assert_allclose(feats(docs2[:, 0]), f1, atol=1e-6)
+  assert np.abs(model.apply({"params": params}, docs2) - model.apply({"params": params}, docs)
+                ).max() > 1e-5
+
+
+@pytest.mark.parametrize("combine,width", [("luna", 32), ("interact", 64)])
+def test_retrieval_combinations(combine, width):
+  cfg = dataclasses.replace(CFG, num_docs=2, num_classes=2, retrieval_combine=combine)
+  docs = jnp.stack([_tokens(seed=1), _tokens(seed=2)], axis=1)
+  params = models.Classifier(cfg).init(jax.random.key(0), docs)["params"]
+  assert params["classifier_hidden"]["kernel"].shape[0] == width
+
+
+def test_sequence_longer_than_position_table_fails():
+  model, params, _ = _init()
+  with pytest.raises(ValueError, match="max_len"):
+    model.apply({"params": params}, jnp.ones((1, 41), jnp.int32))
