@@ -89,7 +89,8 @@ class Progress:
     rate = self.rate(step)
     eta = (self.total - step) / rate if rate > 0 else float("nan")
     parts = [f"step {step}/{self.total}"]
-    parts += [f"{k} {_plain(v):.4g}" for k, v in metrics.items() if isinstance(_plain(v), float)]
+    parts += [f"{k} {_plain(v):.4g}" for k, v in metrics.items()
+              if isinstance(_plain(v), float) and not k.endswith("_per_s")]
     parts += [f"{rate:.2f} steps/s", f"ETA {_fmt_time(eta)}"]
     return " | ".join(parts)
 

@@ -169,18 +169,18 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], key: jax.Array,
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads)
   acc = (logits.argmax(-1) == batch["targets"]).mean()
-  return new_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(params: Any, batch: dict[str, jnp.ndarray], apply_fn: Callable, key: jax.Array,
-              step: jax.Array, redraw_every: int) -> dict[str, jnp.ndarray]:
+def eval_step(params: Any, batch: dict[str, jnp.ndarray], key: jax.Array, step: jax.Array, *,
+              apply_fn: Callable, redraw_every: int) -> dict[str, jnp.ndarray]:
   """Sums of loss, correct predictions and real examples over a padded batch."""
   rngs = {"features": step_rngs(key, step, redraw_every)["features"]}
   logits = apply_fn({"params": params}, batch["inputs"], deterministic=True, rngs=rngs)
   w = batch["weights"]
   return {"loss": (cross_entropy(logits, batch["targets"]) * w).sum(),
           "correct": ((logits.argmax(-1) == batch["targets"]) * w).sum(),
-          "count": w.sum()}
+          "count": w.sum(), "class_counts": batch["class_counts"].sum(0)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -270,9 +270,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_iter = input_pipeline.train_iterator(task.splits["train"], config.batch_size,
                                              config.seed, config.grain_workers)
-  ckpt_opts = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           save_interval_steps=config.checkpoint_every,
-                                           enable_async_checkpointing=True)
+  policies = ocp.checkpoint_managers
+  ckpt_opts = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
+      save_decision_policy=policies.AnySavePolicy([
+          policies.FixedIntervalPolicy(config.checkpoint_every),
+          policies.PreemptionCheckpointingPolicy()]))
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ckpt_opts)
   best_mngr = ocp.CheckpointManager(
       os.path.join(workdir, "best"),
@@ -308,12 +311,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sums = None
     for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size,
                                              config.eval_max_examples):
+      batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
+      batch["class_counts"] *= batch["weights"][:, None]
       out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
-    return {f"{split_name(split)}_loss": float(sums["loss"]) / count,
-            f"{split_name(split)}_accuracy": float(sums["correct"]) / count}
+    name = split_name(split)
+    return {f"{name}_loss": float(sums["loss"]) / count,
+            f"{name}_accuracy": float(sums["correct"]) / count,
+            f"{name}_majority_accuracy": float(sums["class_counts"].max()) / count}
 
   def save(step: int, force: bool = False) -> None:
     mngr.save(step, args=ocp.args.Composite(
@@ -373,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           best_mngr.save(step, args=ocp.args.StandardSave(state.params), force=True)
           best_mngr.wait_until_finished()
         t_log = time.time()
-      save(step, force=stop.signal is not None)
+      save(step, force=stop.signal is not None or step == config.num_train_steps)
       if stop.signal is not None:
         stopped_by = signal.Signals(stop.signal).name
         print(f"received {stopped_by}: saved step {step}; rerun the same command to resume",

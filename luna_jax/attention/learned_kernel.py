@@ -1,0 +1,155 @@
+"""LUNA learned-kernel attention (Shahbazi et al. 2025, arXiv 2512.08061).
+
+The feature map is learned and the same for queries and keys (per head, x of width dh):
+
+  u_i(x)   = w_i . x + b_i                          i = 1..m   (W [m, dh], b [m], all heads)
+  phi(x)   = h(x) / sqrt(m) * [psi_l(u_i(x))]_{i,l}   l = 1..L   (a vector of size m*L)
+  out      = phi(Q) (phi(K)^T V) / (phi(Q) (phi(K)^T 1) + eps)
+
+psi is a scalar MLP 1 -> hidden -> L with ReLU after each layer, so features are non-negative
+and the kernel phi(x)^T phi(y) is positive definite. Choices:
+* Q/K scaling: q and k are scaled by dh**-0.25 before phi (the split of softmax's 1/sqrt(dh)
+  between queries and keys, as Performer's x_hat), so u starts with variance ~|x|^2 / dh**1.5.
+* W ~ N(0, 1/dh), b = 0. psi's weights and biases use torch nn.Linear's default init
+  U(+-1/sqrt(fan_in)) (fan_in 1 then `hidden`), so its ReLU breakpoints are spread out.
+* `shared_mlp=True`: one MLP with L outputs for all channels i; False: one MLP per channel
+  (parameters with a leading m axis, evaluated with one einsum).
+* `envelope="none"`: h = 1. `"learned"`: h(x) = softplus(a . x + c), a [dh] zero init and c
+  init softplus^-1(1), so h = 1 at init (shared by heads, same for queries and keys). Note that
+  a query's envelope cancels in the ratio (up to eps); only the key envelope changes outputs, as a
+  learned per-key weight.
+* `rms_rescale=True`: u_i is multiplied by min(1, 0.1 / rms_i), rms_i the root mean square of
+  u_i over the real (unpadded) query and key tokens of the current batch and all heads, so the
+  same phi serves queries and keys. Gradients flow through the statistic. Whole-batch statistics
+  see future tokens, so this is rejected with `causal=True` and in `step`.
+* eps = 1e-6 (not published). `dropout_rate` is unused: no attention matrix is ever formed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from luna_jax.attention import common
+from luna_jax.attention import linear_common
+
+Array = jax.Array
+State = dict[str, Array]
+ENVELOPES = ("none", "learned")
+RMS_TARGET = 0.1
+
+
+def _torch_uniform(fan_in: int) -> nn.initializers.Initializer:
+  """U(+-1/sqrt(fan_in)), torch nn.Linear's default for weights and biases."""
+  return common.torch_linear_bias(fan_in)
+
+
+def rms_factor(u_BxNxHxM: Array, mask_BxN: Array | None) -> Array:
+  """Per-channel min(1, RMS_TARGET / rms) over real tokens and heads: [M]."""
+  sq_BxNxHxM = jnp.square(u_BxNxHxM)
+  if mask_BxN is None:
+    mean_M = sq_BxNxHxM.mean(axis=(0, 1, 2))
+  else:
+    w_BxNx1x1 = mask_BxN[:, :, None, None].astype(sq_BxNxHxM.dtype)
+    count = jnp.maximum(w_BxNx1x1.sum() * u_BxNxHxM.shape[2], 1.0)
+    mean_M = jnp.where(w_BxNx1x1 > 0, sq_BxNxHxM, 0.0).sum(axis=(0, 1, 2)) / count
+  return jnp.minimum(1.0, RMS_TARGET * jax.lax.rsqrt(mean_M + 1e-12))
+
+
+class LearnedKernelAttention(nn.Module):
+  """Normalised linear attention with LUNA's learned positive feature map."""
+  num_heads: int
+  dropout_rate: float = 0.0   # unused (no attention matrix)
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+  causal: bool = False
+  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
+  num_features: int = 32      # m
+  num_outputs: int = 4        # L
+  hidden: int = 64
+  shared_mlp: bool = True
+  envelope: str = "none"
+  rms_rescale: bool = False
+  eps: float = 1e-6
+
+  @nn.compact
+  def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
+               state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
+    """Projections, features and attention; one recurrent step when `state` is given."""
+    if self.envelope not in ENVELOPES:
+      raise ValueError(f"envelope={self.envelope!r}; valid: {ENVELOPES}")
+    if self.rms_rescale and (self.causal or state is not None):
+      raise ValueError("rms_rescale uses whole-batch statistics: not causal, no step")
+    d = x_BxNxD.shape[-1]
+
+    def proj(name):
+      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
+                               dtype=self.dtype)
+
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
+        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
+        for name in ("query", "key", "value"))
+    dh, m, hid, l = q_BxNxHxK.shape[-1], self.num_features, self.hidden, self.num_outputs
+    w_MxK = self.param("feature_proj", nn.initializers.normal(dh**-0.5), (m, dh), jnp.float32)
+    b_M = self.param("feature_bias", nn.initializers.zeros, (m,), jnp.float32)
+    lead = () if self.shared_mlp else (m,)
+    w1 = self.param("psi_w1", _torch_uniform(1), lead + (hid,), jnp.float32)
+    b1 = self.param("psi_b1", _torch_uniform(1), lead + (hid,), jnp.float32)
+    w2 = self.param("psi_w2", _torch_uniform(hid), lead + (hid, l), jnp.float32)
+    b2 = self.param("psi_b2", _torch_uniform(hid), lead + (l,), jnp.float32)
+    if self.envelope == "learned":
+      env_a_K = self.param("envelope_w", nn.initializers.zeros, (dh,), jnp.float32)
+      env_c = self.param("envelope_b", nn.initializers.constant(math.log(math.e - 1.0)), (),
+                         jnp.float32)
+
+    xs = [q_BxNxHxK.astype(jnp.float32) * dh**-0.25, k_BxNxHxK.astype(jnp.float32) * dh**-0.25]
+    us = [jnp.einsum("bnhk,mk->bnhm", x, w_MxK) + b_M for x in xs]
+    if self.rms_rescale:
+      factor_M = rms_factor(jnp.concatenate(us, axis=1),
+                            None if mask_BxN is None else jnp.concatenate([mask_BxN] * 2, 1))
+      us = [u * factor_M for u in us]
+
+    def phi(x_BxNxHxK, u_BxNxHxM):
+      h_BxNxHxMxJ = jax.nn.relu(u_BxNxHxM[..., None] * w1 + b1)
+      if self.shared_mlp:
+        psi_BxNxHxMxL = jnp.einsum("bnhmj,jl->bnhml", h_BxNxHxMxJ, w2) + b2
+      else:
+        psi_BxNxHxMxL = jnp.einsum("bnhmj,mjl->bnhml", h_BxNxHxMxJ, w2) + b2
+      phi_BxNxHxF = jax.nn.relu(psi_BxNxHxMxL).reshape(*u_BxNxHxM.shape[:3], m * l) * m**-0.5
+      if self.envelope == "learned":
+        phi_BxNxHxF = phi_BxNxHxF * jax.nn.softplus(x_BxNxHxK @ env_a_K + env_c)[..., None]
+      return phi_BxNxHxF
+
+    phi_q_BxNxHxF, phi_k_BxNxHxF = phi(xs[0], us[0]), phi(xs[1], us[1])
+    o_BxNxHxK, state = linear_common.attend(
+        phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
+        chunk_size=self.chunk_size, eps=self.eps, mode="eps")
+    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
+
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
+               p_mask_BxL: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, None]:
+    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
+    del p_BxLxD, p_mask_BxL, deterministic
+    return self._forward(x_BxNxD, mask_BxN, None)[0], None
+
+  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
+    """(phi(q) [B, N, H, m*L], phi(k) [B, N, H, m*L], v [B, N, H, dh])."""
+    return self._forward(x_BxNxD, mask_BxN, None)[2]
+
+  def init_state(self, batch_size: int) -> State:
+    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
+    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
+    return linear_common.zero_state(batch_size, self.num_heads,
+                                    self.num_features * self.num_outputs, dh)
+
+  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
+           ) -> tuple[Array, State]:
+    """Causal decoding of one token: (y_BxD, new state). mask_B False: state unchanged."""
+    mask_Bx1 = None if mask_B is None else mask_B[:, None]
+    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
+    return y_Bx1xD[:, 0], state

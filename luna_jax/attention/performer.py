@@ -1,0 +1,160 @@
+"""Performer attention (Choromanski et al. 2021): FAVOR+ positive orthogonal random features.
+
+`kernel="softmax"` (FAVOR+), with x_hat = x / dh**0.25 for queries and keys of each head:
+
+  phi(x_hat) = m**-0.5 * exp(w_i . x_hat - |x_hat|^2 / 2),  i = 1..m
+  out_i = phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j) + eps)
+
+an unbiased estimate of softmax(q k^T / sqrt(dh)) attention. The m x dh matrix W is drawn in
+blocks of dh Gaussian rows orthogonalised by QR, each row rescaled by the norm of a fresh
+Gaussian vector in R^dh (one W per layer, shared by all heads). Stabilisers (exact: each is a
+constant that cancels in the ratio, only the relative size of eps changes; no gradient flows
+through them):
+* queries: exp(. - max over the features of that query);
+* keys, bidirectional: exp(. - max over the features and the real keys); padded keys are
+  excluded from the max and zeroed in the sums;
+* keys, causal and `step`: a sequence-global max would let future keys leak in and cannot be
+  streamed, so the stabiliser of query i is the running max over the real keys j <= i; the
+  carried state is rescaled when the running max grows (`linear_common`, log-domain keys).
+
+`kernel="relu"`: the deterministic phi(x) = relu(x) + 0.001 on the raw per-head projections (no
+random features; `num_features` and `redraw` unused), which is what the LRA reference configs
+ran under the Performer name.
+
+Random features contract (features are not parameters and get no gradient):
+* they are drawn from the rng stream "features": `self.make_rng("features")`, which already
+  folds in the module path, so every layer gets its own W. The trainer passes
+  `rngs={"features": jax.random.fold_in(base_key, step // redraw_every)}` so W is redrawn every
+  `redraw_every` steps from an explicit key; evaluation passes a fixed key (or none).
+* without a "features" stream, or with `redraw=False`, W comes from the fixed key
+  jax.random.key(0) folded with a hash of the module path: fixed for the whole run, distinct
+  per layer.
+`__call__`, `features` and `step` draw W the same way, so decoding uses the training features
+when given the same rngs. `dropout_rate` is unused: no attention matrix is ever formed.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from luna_jax.attention import common
+from luna_jax.attention import linear_common
+
+Array = jax.Array
+State = dict[str, Array]
+KERNELS = ("softmax", "relu")
+RELU_STABILIZER = 1e-3
+
+
+def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array:
+  """[num_features, dim] rows: QR-orthogonalised Gaussian blocks, rows rescaled by chi norms."""
+  num_blocks = -(-num_features // dim)
+  block_key, norm_key = jax.random.split(key)
+  g_GxDxD = jax.random.normal(block_key, (num_blocks, dim, dim), jnp.float32)
+  q_GxDxD, _ = jnp.linalg.qr(g_GxDxD)
+  rows_MxD = jnp.swapaxes(q_GxDxD, 1, 2).reshape(num_blocks * dim, dim)[:num_features]
+  norms_M = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim), jnp.float32),
+                            axis=-1)
+  return rows_MxD * norms_M[:, None]
+
+
+class PerformerAttention(nn.Module):
+  """Linear attention with FAVOR+ (or the LRA ReLU) features."""
+  num_heads: int
+  dropout_rate: float = 0.0   # unused (no attention matrix)
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+  causal: bool = False
+  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
+  num_features: int = 256
+  kernel: str = "softmax"
+  redraw: bool = True
+  eps: float = 1e-6
+
+  def _feature_key(self) -> Array:
+    """Key for W: the "features" stream if given and redraw, else a fixed per-layer key."""
+    if self.redraw and self.has_rng("features"):
+      return self.make_rng("features")
+    path_hash = zlib.crc32("/".join(map(str, self.path)).encode()) & 0x7FFFFFFF
+    return jax.random.fold_in(jax.random.key(0), path_hash)
+
+  def random_features(self, head_dim: int) -> Array:
+    """The current W [num_features, head_dim] (float32, no gradient)."""
+    return jax.lax.stop_gradient(
+        orthogonal_random_features(self._feature_key(), self.num_features, head_dim))
+
+  @nn.compact
+  def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
+               state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
+    """Projections, features and attention; one recurrent step when `state` is given."""
+    if self.kernel not in KERNELS:
+      raise ValueError(f"kernel={self.kernel!r}; valid: {KERNELS}")
+    d = x_BxNxD.shape[-1]
+
+    def proj(name):
+      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
+                               dtype=self.dtype)
+
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
+        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
+        for name in ("query", "key", "value"))
+    q_BxNxHxK = q_BxNxHxK.astype(jnp.float32)
+    k_BxNxHxK = k_BxNxHxK.astype(jnp.float32)
+    if self.kernel == "relu":
+      phi_q_BxNxHxF = jax.nn.relu(q_BxNxHxK) + RELU_STABILIZER
+      phi_k_BxNxHxF = jax.nn.relu(k_BxNxHxK) + RELU_STABILIZER
+      log_k = False
+    else:
+      dh = q_BxNxHxK.shape[-1]
+      w_FxK = self.random_features(dh)
+
+      def log_features(x_BxNxHxK):  # log phi(x_hat)
+        x_hat = x_BxNxHxK * dh**-0.25
+        return (jnp.einsum("bnhk,fk->bnhf", x_hat, w_FxK)
+                - 0.5 * jnp.sum(x_hat**2, axis=-1, keepdims=True)
+                - 0.5 * math.log(self.num_features))
+
+      log_q_BxNxHxF = log_features(q_BxNxHxK)
+      phi_q_BxNxHxF = jnp.exp(
+          log_q_BxNxHxF - jax.lax.stop_gradient(log_q_BxNxHxF.max(-1, keepdims=True)))
+      phi_k_BxNxHxF = log_features(k_BxNxHxK)   # log domain: stabilised in linear_common
+      log_k = True
+    o_BxNxHxK, state = linear_common.attend(
+        phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
+        chunk_size=self.chunk_size, eps=self.eps, mode="eps", log_k=log_k)
+    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
+
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
+               p_mask_BxL: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, None]:
+    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
+    del p_BxLxD, p_mask_BxL, deterministic
+    return self._forward(x_BxNxD, mask_BxN, None)[0], None
+
+  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
+    """(phi(q) [B, N, H, F], key features [B, N, H, F], v [B, N, H, dh]).
+
+    softmax kernel: phi(q) carries its per-query stabiliser; the key features are returned in
+    the log domain (log phi(k_hat), unstabilised).
+    """
+    return self._forward(x_BxNxD, mask_BxN, None)[2]
+
+  def init_state(self, batch_size: int) -> State:
+    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
+    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
+    f = dh if self.kernel == "relu" else self.num_features
+    return linear_common.zero_state(batch_size, self.num_heads, f, dh)
+
+  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
+           ) -> tuple[Array, State]:
+    """Causal decoding of one token: (y_BxD, new state). Pass the same "features" rng as for
+    the sequence. mask_B False: state unchanged."""
+    mask_Bx1 = None if mask_B is None else mask_B[:, None]
+    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
+    return y_Bx1xD[:, 0], state

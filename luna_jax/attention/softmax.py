@@ -1,0 +1,83 @@
+"""Softmax (dot-product) attention, the quadratic baseline: softmax(Q K^T / sqrt(dh) + mask) V.
+
+`implementation`:
+* "xla": einsum scores, float32 masked softmax, attention dropout, einsum with V.
+* "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN flash attention
+  with a bool mask; GPU only, needs dtype bfloat16 or float16, no attention dropout.
+* "auto": "cudnn" when running on GPU with a 16-bit dtype and no active attention dropout
+  (deterministic or dropout_rate == 0), else "xla". Never "cudnn" on CPU or TPU.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from luna_jax.attention import common
+
+Array = jax.Array
+IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def resolve_implementation(implementation: str, dtype: Any, dropout_active: bool) -> str:
+  """Maps "auto" to "xla" or "cudnn" for the current backend; checks the name."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; valid: {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  cudnn_ok = (jax.default_backend() == "gpu" and not dropout_active
+              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+  return "cudnn" if cudnn_ok else "xla"
+
+
+class SoftmaxAttention(nn.Module):
+  """Multi-head softmax attention with key-padding and optional causal masks."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+  causal: bool = False
+  implementation: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
+               p_mask_BxL: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, None]:
+    """Returns (y_BxNxD, None); `p_*` are ignored."""
+    del p_BxLxD, p_mask_BxL
+    b, n, d = x_BxNxD.shape
+
+    def proj(name):
+      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
+                               dtype=self.dtype)
+
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
+        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
+        for name in ("query", "key", "value"))
+    dropout_active = not deterministic and self.dropout_rate > 0.0
+    impl = resolve_implementation(self.implementation, self.dtype, dropout_active)
+    if impl == "cudnn" and dropout_active:
+      raise ValueError("implementation='cudnn' has no attention dropout; use 'xla' or 'auto'")
+
+    keep_Bx1x1xN = None if mask_BxN is None else mask_BxN[:, None, None, :].astype(bool)
+    keep_Bx1xNxN = keep_Bx1x1xN   # True = attend; broadcasts against [B, H, N, N]
+    if self.causal:
+      causal_1x1xNxN = jnp.tril(jnp.ones((n, n), bool))[None, None]
+      keep_Bx1xNxN = causal_1x1xNxN if keep_Bx1x1xN is None else keep_Bx1x1xN & causal_1x1xNxN
+
+    if impl == "cudnn":
+      if keep_Bx1xNxN is not None:   # cuDNN wants the full [B, 1, N, N] mask
+        keep_Bx1xNxN = jnp.broadcast_to(keep_Bx1xNxN, (b, 1, n, n))
+      o_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
+                                               mask=keep_Bx1xNxN, implementation="cudnn")
+    else:
+      dh = q_BxNxHxK.shape[-1]
+      scores_BxHxNxN = jnp.einsum("bqhk,bnhk->bhqn", q_BxNxHxK, k_BxNxHxK,
+                                  preferred_element_type=jnp.float32) * dh**-0.5
+      w_BxHxNxN = common.masked_softmax(scores_BxHxNxN, keep_Bx1xNxN)
+      w_BxHxNxN = nn.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
+      o_BxNxHxK = jnp.einsum("bhqn,bnhk->bqhk", w_BxHxNxN.astype(self.dtype), v_BxNxHxK)
+    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    return y_BxNxD, None
