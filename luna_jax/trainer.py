@@ -191,6 +191,9 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
   auto-detection (TPU pod, Slurm, Open MPI) when LUNA_JAX_DISTRIBUTED=1. No-op otherwise."""
   if jax.distributed.is_initialized():
     return
+  if coordinator_address or os.environ.get("LUNA_JAX_DISTRIBUTED", "") == "1":
+    # CPU-only runs (tests, CPU clusters) need a collectives backend across processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif os.environ.get("LUNA_JAX_DISTRIBUTED", "") == "1":

@@ -38,21 +38,27 @@ def _inputs(seed: int = 0):
 def _build(name, kw, x, mask, **overrides):
   """Module and parameters perturbed away from init (so zero-init gates/envelopes matter)."""
   module = get_attention(name)(num_heads=H, **{**kw, **overrides})
-  variables = module.init({"params": jax.random.key(1), **RNGS}, x, mask)
+  variables = jax.jit(module.init)({"params": jax.random.key(1), **RNGS}, x, mask)
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   leaves = [p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
   return module, jax.tree.unflatten(tree, leaves)
 
 
-def _apply(module, variables, x, mask, **kw):
-  return module.apply(variables, x, mask, rngs=RNGS, **kw)[0]
+def _jitted(module, method=None):
+  """jit(module.apply) with the test rngs; compiling once is much cheaper than op-by-op."""
+  return jax.jit(lambda variables, *args: module.apply(variables, *args, rngs=RNGS,
+                                                       method=method))
+
+
+def _apply(module, variables, x, mask):
+  return _jitted(module)(variables, x, mask)[0]
 
 
 def _explicit_reference(name, module, variables, x, mask, causal):
   """The same kernel as an explicit n x n computation, in float64 numpy."""
-  phi_q, phi_k, v = (np.asarray(a, np.float64) for a in module.apply(
-      variables, x, mask, rngs=RNGS, method=type(module).features))
+  phi_q, phi_k, v = (np.asarray(a, np.float64) for a in _jitted(
+      module, type(module).features)(variables, x, mask))
   mask = np.asarray(mask)
   log_k = name == "performer" and module.kernel == "softmax"
   if not log_k:   # a dead (all-zero) feature map would make the comparison vacuous
@@ -119,9 +125,10 @@ def test_causal_parallel_chunked_and_recurrent_agree(name, kw):
   cls = type(module)
   state = module.apply(variables, B, method=cls.init_state)
   sizes = {k: v.shape for k, v in state.items()}
+  step = _jitted(module, cls.step)
   outs = []
   for t in range(N):
-    y_t, state = module.apply(variables, x[:, t], state, mask[:, t], rngs=RNGS, method=cls.step)
+    y_t, state = step(variables, x[:, t], state, mask[:, t])
     outs.append(np.asarray(y_t))
   assert {k: v.shape for k, v in state.items()} == sizes   # state size independent of N
   np.testing.assert_allclose(np.stack(outs, 1)[real], parallel[real], atol=1e-5)
@@ -177,7 +184,7 @@ def test_bfloat16_runs_finite_and_close(name, kw, causal):
 def test_linear_elu_feature_map():
   x, mask = _inputs()
   module, variables = _build("linear_elu", {}, x, mask)
-  phi_q, phi_k, v = module.apply(variables, x, mask, method=type(module).features)
+  phi_q, phi_k, v = _jitted(module, type(module).features)(variables, x, mask)
   p = variables["params"]
   q = (x @ p["query"]["kernel"]).reshape(B, N, H, -1)
   np.testing.assert_allclose(phi_q, jax.nn.elu(q) + 1, atol=1e-6)
@@ -193,10 +200,10 @@ def test_cheap_linear_summary_and_gate():
   gate = jax.nn.sigmoid(x @ p["gate"]["kernel"] + p["gate"]["bias"])
   k = (gate * (x @ p["key"]["kernel"])).reshape(B, N, H, dh)
   q = (x @ p["query"]["kernel"]).reshape(B, N, H, dh) * dh**-0.5
-  phi_q, phi_k, _ = module.apply(variables, x, mask, method=cls.features)
+  phi_q, phi_k, _ = _jitted(module, cls.features)(variables, x, mask)
   np.testing.assert_allclose(phi_k, k, atol=1e-5)
   np.testing.assert_allclose(phi_q, q, atol=1e-5)
-  c = module.apply(variables, x, mask, method=cls.summary)
+  c = _jitted(module, cls.summary)(variables, x, mask)
   assert c.shape == (B, H, dh, dh)   # fixed size whatever N is
   lookups = jnp.einsum("bnhk,bhkj->bnhj", q, c).reshape(B, N, D) @ p["out"]["kernel"]
   np.testing.assert_allclose(_apply(module, variables, x, mask), lookups, atol=1e-5)

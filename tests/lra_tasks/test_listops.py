@@ -1,0 +1,294 @@
+"""Tests of the ListOps task: vocabulary, evaluator, serialization, generator, reader, load()."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from lra_tasks import listops
+from lra_tasks.common import DataError
+
+SMALL = listops.GeneratorSettings(num_train=150, num_val=25, num_test=25, min_length=20,
+                                  max_length=100, max_depth=10, max_args=10, seed=3)
+
+
+def make_config(data_dir: str = "", seq_len: int = 64,
+                settings: listops.GeneratorSettings = SMALL) -> ml_collections.ConfigDict:
+  """A config with the fields listops.load reads."""
+  config = ml_collections.ConfigDict()
+  config.data_dir = data_dir
+  config.seq_len = seq_len
+  config.listops = ml_collections.ConfigDict(
+      {f: getattr(settings, f) for f in ("num_train", "num_val", "num_test", "min_length",
+                                         "max_length", "max_depth", "max_args", "seed")})
+  return config
+
+
+def shape_of(source: str) -> tuple[int, int, int]:
+  """(length without parentheses, deepest operator nesting, most arguments of an operator)."""
+  stack, depth, args = [], 0, 0
+  tokens = source.replace("(", " ").replace(")", " ").split()
+  for tok in tokens:
+    if tok in listops.OPERATORS:
+      if stack:
+        stack[-1] += 1
+      stack.append(0)
+      depth = max(depth, len(stack))
+    elif tok == "]":
+      args = max(args, stack.pop())
+    elif stack:
+      stack[-1] += 1
+  return len(tokens), depth, args
+
+
+def write(path, text: str) -> str:
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  return str(path)
+
+
+# ------------------------------------------------------------------------------ vocabulary
+
+
+def test_vocabulary_is_a_fixed_ordered_tuple():
+  assert listops.VOCAB == ("<pad>", "[MIN", "[MAX", "[MED", "[SM", "]", "0", "1", "2", "3",
+                           "4", "5", "6", "7", "8", "9", "<cls>")
+  assert (listops.PAD_ID, listops.CLS_ID, listops.VOCAB_SIZE, listops.NUM_CLASSES) == (
+      0, 16, 17, 10)
+
+
+def test_tokenize_drops_parentheses_prepends_cls_and_pads():
+  ids = listops.tokenize("( ( ( [MAX 2 ) 9 ) ] )", 8)
+  assert ids.dtype == np.int32
+  np.testing.assert_array_equal(ids, [16, 2, 8, 15, 5, 0, 0, 0])
+  np.testing.assert_array_equal(listops.tokenize("( ( ( [MAX 2 ) 9 ) ] )", 3), [16, 2, 8])
+  np.testing.assert_array_equal(listops.tokenize("[SM 0 [MIN 1 ] ]", 7), [16, 4, 6, 1, 7, 5, 5])
+
+
+def test_tokenize_rejects_unknown_tokens():
+  with pytest.raises(DataError, match=r"\[FOO"):
+    listops.tokenize("( [MAX 2 [FOO 1 ] ] )", 16)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@pytest.mark.parametrize("source, answer", [
+    ("( ( ( [MAX 2 ) 9 ) ] )", 9),
+    ("[MIN 3 1 4 ]", 1),
+    ("[MED 9 0 7 ]", 7),
+    ("[MED 1 2 3 4 ]", 2),          # Even count: (2 + 3) / 2 = 2.5 truncates to 2.
+    ("[MED 3 8 ]", 5),
+    ("[SM 9 8 7 ]", 4),             # 24 mod 10.
+    ("[SM [MAX 1 [MED 2 6 ] 3 ] [MIN 9 8 ] 0 ]", 2),  # 4 + 8 + 0 = 12.
+    ("7", 7),
+])
+def test_evaluate_hand_checked(source, answer):
+  assert listops.evaluate(source) == answer
+
+
+def test_evaluate_median_matches_numpy():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    args = rng.integers(0, 10, size=rng.integers(2, 11)).tolist()
+    assert listops.evaluate(f"[MED {' '.join(map(str, args))} ]") == int(np.median(args))
+
+
+def test_evaluate_deep_nesting_needs_no_recursion():
+  assert listops.evaluate("[MAX 3 " * 5000 + "1" + " ]" * 5000) == 3
+
+
+@pytest.mark.parametrize("source", [
+    "[MAX 2 9", "[MAX ]", "2 3", "]", "( [MAX 2 9 ]", "[MAX 2 9 ] )", "[FOO 1 ]", ""])
+def test_evaluate_rejects_malformed(source):
+  with pytest.raises(DataError):
+    listops.evaluate(source)
+
+
+# ------------------------------------------------------------------------------ serialization
+
+
+def test_serialize_matches_the_official_example():
+  assert listops.serialize(("[MAX", [2, 9])) == "( ( ( [MAX 2 ) 9 ) ] )"
+  assert listops.serialize(4) == "4"
+
+
+def test_serialize_nested_operators():
+  tree = ("[MIN", [("[MAX", [2, 9]), 3, ("[SM", [1, 2, ("[MED", [4, 5])])])
+  source = listops.serialize(tree)
+  assert source == ("( ( ( ( [MIN ( ( ( [MAX 2 ) 9 ) ] ) ) 3 ) ( ( ( ( [SM 1 ) 2 ) "
+                    "( ( ( [MED 4 ) 5 ) ] ) ) ] ) ) ] )")
+  assert listops.evaluate(source) == 3
+  assert shape_of(source)[0] == 7 + 2 * 4  # Leaves + 2 per operator.
+
+
+# ------------------------------------------------------------------------------ generator
+
+
+@pytest.fixture(scope="module")
+def small_set() -> list[tuple[str, int]]:
+  return list(listops.generate(SMALL))
+
+
+def test_generated_labels_agree_with_evaluate(small_set):
+  assert len(small_set) == 200
+  assert [listops.evaluate(s) for s, _ in small_set] == [t for _, t in small_set]
+  assert len({t for _, t in small_set}) > 5
+
+
+def test_generator_respects_bounds_and_dedupes(small_set):
+  assert len({s for s, _ in small_set}) == len(small_set)
+  lengths = [shape_of(s)[0] for s, _ in small_set]
+  assert min(lengths) > SMALL.min_length and max(lengths) < SMALL.max_length
+  shallow = listops.GeneratorSettings(num_train=40, num_val=0, num_test=0, min_length=5,
+                                      max_length=60, max_depth=4, max_args=3, seed=1)
+  shapes = [shape_of(s) for s, _ in listops.generate(shallow)]
+  assert max(d for _, d, _ in shapes) <= shallow.max_depth - 1  # Leaves only at max_depth.
+  assert max(a for _, _, a in shapes) == shallow.max_args
+
+
+def test_generator_is_deterministic(small_set):
+  assert list(listops.generate(SMALL)) == small_set
+  other = dataclasses.replace(SMALL, seed=4)
+  assert list(listops.generate(other))[:10] != small_set[:10]
+
+
+def test_generate_files_cli_and_read_back(tmp_path, small_set):
+  out = tmp_path / "gen"
+  args = [f"--{k}={v}" for k, v in dataclasses.asdict(SMALL).items()]
+  listops.main(["generate", "--out", str(out)] + args)
+  with open(out / "basic_val.tsv", encoding="utf-8") as f:
+    assert f.readline() == "Source\tTarget\n"
+  inputs, targets = listops.read_tsv(str(out / "basic_train.tsv"), 64)
+  assert inputs.shape == (150, 64) and inputs.dtype == np.int32 and targets.dtype == np.int32
+  np.testing.assert_array_equal(targets, [t for _, t in small_set[:150]])
+  np.testing.assert_array_equal(inputs[7], listops.tokenize(small_set[7][0], 64))
+  _, test_targets = listops.read_tsv(str(out / "basic_test.tsv"), 64)
+  np.testing.assert_array_equal(test_targets, [t for _, t in small_set[175:]])
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+  def broken(s):
+    yield "[MAX 1 2 ]", 2
+    raise RuntimeError("killed")
+  monkeypatch.setattr(listops, "generate", broken)
+  with pytest.raises(RuntimeError):
+    listops.generate_files(str(tmp_path / "out"), SMALL)
+  assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ reader
+
+
+OFFICIAL = ("Source\tTarget\n"
+            "( ( ( [MAX 2 ) 9 ) ] )\t9\n"
+            "( ( ( ( [SM 1 ) 2 ) 7 ) ] )\t0\n"
+            "( ( ( [MED 3 ) 8 ) ] )\t5\n")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_read_tsv_official_format(tmp_path, newline):
+  path = write(tmp_path / "basic_test.tsv", OFFICIAL.replace("\n", newline))
+  inputs, targets = listops.read_tsv(path, 6)
+  np.testing.assert_array_equal(targets, [9, 0, 5])
+  np.testing.assert_array_equal(inputs, [[16, 2, 8, 15, 5, 0],
+                                         [16, 4, 7, 8, 13, 5],
+                                         [16, 3, 9, 14, 5, 0]])
+
+
+def test_read_tsv_same_rows_for_any_chunking_and_odd_spacing(tmp_path, monkeypatch, small_set):
+  text = "Source\tTarget\n" + "".join(f"{s}\t{t}\n" for s, t in small_set[:30])
+  odd = text + "(([MAX  2)9 )] )\t9\r\n\n"  # Unusual spacing, CRLF and a blank line.
+  path = write(tmp_path / "a.tsv", odd)
+  whole = listops.read_tsv(path, 80, np.uint8)
+  monkeypatch.setattr(listops, "_CHUNK_BYTES", 97)
+  chunked = listops.read_tsv(path, 80, np.uint8)
+  for a, b in zip(whole, chunked):
+    np.testing.assert_array_equal(a, b)
+  assert whole[0].shape == (31, 80) and whole[0].dtype == np.uint8
+  np.testing.assert_array_equal(whole[0][-1, :6], [16, 2, 8, 15, 5, 0])
+  np.testing.assert_array_equal(whole[0][:30], [listops.tokenize(s, 80) for s, _ in small_set[:30]])
+
+
+def test_fast_reader_agrees_with_the_line_parser(small_set):
+  body = "".join(f"{s}\t{t}\n" for s, t in small_set[:20]).encode()
+  fast = listops._parse_chunk_fast(body, 80, np.int32)
+  assert fast is not None  # Plain official lines take the vectorized path.
+  np.testing.assert_array_equal(fast[0], [listops.tokenize(s, 80) for s, _ in small_set[:20]])
+  # Randomly damaged lines: whatever the fast path accepts, the line parser reads the same way.
+  rng = np.random.default_rng(0)
+  alphabet = b" ()[]MINAXEDS0123456789\t\r\nx"
+  accepted = 0
+  for _ in range(400):
+    line = bytearray(body.split(b"\n")[rng.integers(20)])
+    for _ in range(2):
+      line.insert(rng.integers(len(line) + 1), alphabet[rng.integers(len(alphabet))])
+      del line[rng.integers(len(line))]
+    fast = listops._parse_chunk_fast(bytes(line) + b"\n", 80, np.int32)
+    if fast is not None:
+      accepted += 1
+      rows = [listops._parse_line(part, "x", 80, np.int32) for part in bytes(line).split(b"\n")]
+      rows = [r for r in rows if r is not None]
+      np.testing.assert_array_equal(fast[0], [r for r, _ in rows])
+      np.testing.assert_array_equal(fast[1], [t for _, t in rows])
+  assert accepted > 20
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[MAX 2 9 ]\t9\n", ":1: expected the header 'Source<TAB>Target'"),
+    (OFFICIAL + "[MAX 1 2 ]\t2\textra\n", ":5: expected 2 tab-separated columns"),
+    (OFFICIAL + "[MAX 1 2 ]\n", ":5: expected 2 tab-separated columns"),
+    (OFFICIAL + "[MAX 1 2 ]\tx\n", ":5: expected a Target integer 0..9"),
+    (OFFICIAL + "[MAX 1 2 ]\t12\n", ":5: expected a Target integer 0..9"),
+    (OFFICIAL + "[MAX 1 [FOO 2 ] ]\t2\n", ":5: unknown token '[FOO'"),
+    (OFFICIAL + "[MAX 1 [MIN2 ] ]\t2\n", ":5: unknown token '[MIN2'"),
+])
+@pytest.mark.parametrize("chunk_bytes", [97, 1 << 20])
+def test_read_tsv_errors_name_file_and_line(tmp_path, monkeypatch, text, expected, chunk_bytes):
+  monkeypatch.setattr(listops, "_CHUNK_BYTES", chunk_bytes)
+  path = write(tmp_path / "bad.tsv", text)
+  with pytest.raises(DataError) as error:
+    listops.read_tsv(path, 16)
+  assert f"{path}{expected}" in str(error.value)
+
+
+def test_missing_data_says_what_to_download(tmp_path):
+  with pytest.raises(DataError) as error:
+    listops.load(make_config(data_dir=str(tmp_path / "nowhere")))
+  for words in ("lra_release.gz", "lra_release/listops-1000", "basic_train.tsv",
+                "--config.data_dir", str(tmp_path / "nowhere")):
+    assert words in str(error.value)
+  with pytest.raises(DataError, match="listops-1000"):
+    listops.read_tsv(str(tmp_path / "basic_train.tsv"), 16)
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def test_load_generates_once_into_the_cache(tmp_path, monkeypatch, small_set):
+  monkeypatch.setenv("LUNA_JAX_CACHE", str(tmp_path))
+  data = listops.load(make_config())
+  folder = tmp_path / "listops" / SMALL.short_hash()
+  assert sorted(os.listdir(folder)) == ["basic_test.tsv", "basic_train.tsv", "basic_val.tsv"]
+  assert os.listdir(tmp_path / "listops") == [SMALL.short_hash()]  # No temporary folders left.
+  assert (data.name, data.vocab_size, data.num_classes, data.seq_len, data.pad_id) == (
+      "listops", 17, 10, 64, 0)
+  assert {k: len(v) for k, v in data.splits.items()} == {"train": 150, "validation": 25,
+                                                         "test": 25}
+  record = data.splits["validation"][3]
+  assert record["inputs"].dtype == np.int32 and record["inputs"].shape == (64,)
+  assert record["targets"].dtype == np.int32 and record["targets"].shape == ()
+  np.testing.assert_array_equal(record["inputs"], listops.tokenize(small_set[153][0], 64))
+  assert int(record["targets"]) == small_set[153][1]
+
+  def no_generation(*args):
+    raise AssertionError("regenerated")
+  monkeypatch.setattr(listops, "generate_files", no_generation)
+  again = listops.load(make_config())
+  np.testing.assert_array_equal(again.splits["train"][0]["inputs"],
+                                data.splits["train"][0]["inputs"])
+  from_dir = listops.load(make_config(data_dir=str(folder)))
+  assert int(from_dir.splits["test"][-1]["targets"]) == small_set[-1][1]
