@@ -53,10 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.listops.update(num_train=20_000, num_val=500, num_test=1_000, min_length=20,
                      max_length=120, max_depth=4, max_args=5, seed=0)
     c.batch_size = 32
-    c.num_train_steps = 1500
+    c.num_train_steps = 800
     c.warmup_steps = 150
-    c.eval_every = 250
-    c.checkpoint_every = 250
+    c.eval_every = 200
+    c.checkpoint_every = 200
     c.log_every = 50
     m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 64, 128, 4, 128
     m.num_layers, m.tie_layer_weights = 2, False

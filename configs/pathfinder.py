@@ -1,0 +1,55 @@
+r"""Pathfinder (LRA, 32x32 hard: curv_contour_length_14), mean readout, no padding.
+
+Built-in data: with an empty data_dir, `pathfinder.num_images` images are generated once into
+the cache ($LUNA_JAX_CACHE or ~/.cache/luna_jax) and reused.
+  python train.py --config=configs/pathfinder.py:quick --workdir=runs/pathfinder_quick
+Official data (lra_release/pathfinder32):
+  python train.py --config=configs/pathfinder.py:luna,l=256 --workdir=runs/pathfinder_luna256 \
+      --config.data_dir=/data/lra_release/pathfinder32
+  python train.py --config=configs/pathfinder.py:softmax --workdir=runs/pathfinder_softmax \
+      --config.data_dir=/data/lra_release/pathfinder32
+Other difficulties: --config.pathfinder.difficulty=curv_contour_length_9 (or curv_baseline).
+"""
+import ml_collections
+
+from configs import common
+
+
+def pathfinder_fields(resolution: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      resolution=resolution, difficulty="curv_contour_length_14", split_seed=0,
+      num_images=200_000, gen_seed=0))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  attention, words, kv = common.parse_arg(arg)
+  c = common.base_config()
+  c.task = "pathfinder"
+  c.pathfinder = pathfinder_fields(32)
+  c.seq_len = 1024
+  c.batch_size = 512
+  c.eval_every = c.checkpoint_every = 1000
+  m = c.model
+  m.attention, m.readout = attention, "mean"
+  if attention == "luna":
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 128, 128, 4, 256
+    m.dropout, m.attention_dropout = 0.2, 0.1
+    c.num_train_steps, c.warmup_steps = 62500, 4000
+    c.learning_rate, c.weight_decay = 1e-3, 0.0
+  else:
+    common.lra_reference_model(c)
+    m.positions = "learned"
+    c.schedule = "cosine"
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 32, 32, 4, 32
+    m.dropout, m.attention_dropout = 0.2, 0.1
+    c.num_train_steps, c.warmup_steps = 62400, 312
+    c.learning_rate, c.weight_decay = 1e-3, 0.0
+  if "quick" in words:
+    c.pathfinder.num_images = 4000
+    c.batch_size = 32
+    c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 400, 50, 200, 200
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 32, 64, 4, 64
+    m.proj_len = 16
+    c.learning_rate = 1e-3
+  common.apply_overrides(c, kv)
+  return c

@@ -1,0 +1,45 @@
+r"""Retrieval (LRA ACL Anthology document matching): two documents through one encoder.
+
+Needs lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv (README, "Official data"):
+  python train.py --config=configs/retrieval.py:luna,l=256 --workdir=runs/retrieval_luna256 \
+      --config.data_dir=/data/lra_release/tsv_data
+  python train.py --config=configs/retrieval.py:softmax --workdir=runs/retrieval_softmax \
+      --config.data_dir=/data/lra_release/tsv_data
+`--config.model.retrieval_combine=interact` uses [u, v, u*v, u-v] instead of Luna's [v, u].
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  attention, words, kv = common.parse_arg(arg)
+  c = common.base_config()
+  c.task = "retrieval"
+  c.seq_len = 4002                     # per document: 4000 bytes + CLS + EOS
+  c.append_eos = True
+  c.batch_size = 32
+  c.eval_every = c.checkpoint_every = 1000
+  m = c.model
+  m.attention, m.readout = attention, "cls"
+  m.retrieval_combine = "luna"
+  if attention == "luna":
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 128, 512, 4, 512
+    m.dropout = m.attention_dropout = 0.1
+    c.num_train_steps, c.warmup_steps = 20000, 8000
+    c.learning_rate, c.weight_decay = 5e-4, 1e-4
+  else:
+    common.lra_reference_model(c)
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 128, 512, 4, 512
+    m.dropout = m.attention_dropout = 0.1
+    c.num_train_steps, c.warmup_steps = 5000, 8000   # as published (warmup > steps)
+    c.learning_rate, c.weight_decay = 0.05, 0.1
+  if "quick" in words:
+    c.seq_len = 256
+    c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
+    c.eval_max_examples = 1000
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 64, 128, 4, 128
+    m.proj_len = 16
+    c.learning_rate = 1e-3 if attention == "luna" else 0.05
+  common.apply_overrides(c, kv)
+  return c
