@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
-ATTENTIONS = ("luna", "softmax", "cheap_linear", "linear_elu", "performer", "learned_kernel",
-              "cosformer")
+from luna_jax.attention import ATTENTION_NAMES
+
+ATTENTIONS = ATTENTION_NAMES
 SHORTHANDS = {"l": "model.proj_len", "layers": "model.num_layers", "seed": "seed",
               "lr": "learning_rate", "steps": "num_train_steps", "bs": "batch_size"}
 
@@ -101,13 +102,17 @@ def base_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"          # float32 | bfloat16 compute (params and softmax stay float32)
   m.remat = False
   m.redraw_every = 1000        # random-feature redraw interval (Performer)
-  # Mechanism-specific options, passed to the attention module as keyword arguments.
+  # Mechanism-specific options, passed to the attention module as keyword arguments
+  # (defaults = the modules' defaults; see each module's docstring).
   m.luna = ml_collections.ConfigDict({"use_flash": False})
   m.softmax = ml_collections.ConfigDict({"implementation": "xla"})
   m.cheap_linear = ml_collections.ConfigDict({"normalization": "length", "gated": False})
   m.linear_elu = ml_collections.ConfigDict({"eps": 1e-6})
-  m.performer = ml_collections.ConfigDict({"num_features": 256, "kernel": "softmax"})
-  m.learned_kernel = ml_collections.ConfigDict({"num_features": 32, "num_outputs": 4})
+  m.performer = ml_collections.ConfigDict({"num_features": 256, "kernel": "softmax",
+                                           "redraw": True})
+  m.learned_kernel = ml_collections.ConfigDict({
+      "num_features": 32, "num_outputs": 4, "hidden": 64, "shared_mlp": True,
+      "envelope": "none", "rms_rescale": False})
   m.cosformer = ml_collections.ConfigDict({})
   return c
 

@@ -19,7 +19,9 @@ def train_iterator(split: Sequence[dict[str, Any]], global_batch: int, seed: int
   n_proc, idx = jax.process_count(), jax.process_index()
   ds = split if isinstance(split, grain.MapDataset) else grain.MapDataset.source(split)
   ds = ds.seed(seed).shuffle().repeat(None)
-  ds = ds[idx::n_proc].batch(global_batch // n_proc, drop_remainder=True)
+  # Process i takes rows [i * local, (i + 1) * local) of every global batch, so the global batch
+  # (and each example's dropout mask) is the same whatever the number of processes.
+  ds = ds.batch(global_batch // n_proc, drop_remainder=True)[idx::n_proc]
   it_ds = ds.to_iter_dataset()
   if num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -35,7 +37,8 @@ def eval_batches(split: Sequence[dict[str, Any]], global_batch: int, max_example
   local = global_batch // n_proc
   num_batches = -(-n // global_batch)
   for b in range(num_batches):
-    rows = [r for r in range(b * global_batch + idx, min((b + 1) * global_batch, n), n_proc)]
+    start = b * global_batch + idx * local
+    rows = list(range(start, min(start + local, n)))
     records = [split[r] for r in rows]
     weights = np.zeros((local,), np.float32)
     weights[: len(records)] = 1.0
