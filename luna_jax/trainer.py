@@ -359,9 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if is_log or is_eval or is_ckpt or stop.signal is not None:
         fb = int(first_bad)
         if fb >= 0:
-          raise NonFiniteLossError(
-              f"training loss became NaN/Inf at step {fb}; stopping. The last good checkpoint "
-              f"in {os.path.join(workdir, 'checkpoints')} is kept (step {mngr.latest_step()}).")
+          msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good checkpoint "
+                 f"in {os.path.join(workdir, 'checkpoints')} is kept (step {mngr.latest_step()}).")
+          if jax.process_index() == 0:   # marker read by luna_jax.results
+            with open(os.path.join(workdir, "FAILED"), "w") as f:
+              f.write(f"NonFiniteLossError: {msg}\n")
+          raise NonFiniteLossError(msg)
       if is_log and acc_n:
         host = jax.device_get(acc_metrics)
         dt = time.time() - t_log

@@ -158,6 +158,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     trainer.train_and_evaluate(c, str(tmp_path))
   saved = [int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit()]
   assert max(saved) == 4
+  assert "NonFiniteLossError" in (tmp_path / "FAILED").read_text()
   for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(_final_params(str(tmp_path), 4))):
     np.testing.assert_array_equal(a, b)
 

@@ -1,0 +1,170 @@
+"""luna_jax.results on fake workdirs: aggregation, statuses, averages, published rows, plots."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+from PIL import Image
+
+from luna_jax import results
+
+TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
+
+
+def fake_run(root, name, task="listops", attention="luna", seed=0, *, proj_len=256,
+             test=0.5, val=0.5, lr=1e-4, status="finished", steps_per_s=10.0, params=1000,
+             peak=None, last_step=100, failed_text=""):
+  """Writes a workdir as the trainer would: config.json, metrics.jsonl, results.json."""
+  wd = os.path.join(root, name)
+  os.makedirs(os.path.join(wd, "checkpoints", str(last_step)))
+  config = {"task": task, "seed": seed, "learning_rate": lr, "num_train_steps": 100,
+            "data_dir": f"/data/{seed}", "model": {"attention": attention, "proj_len": proj_len}}
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump(config, f)
+  loss = math.nan if status == "diverged" else 0.7
+  recs = [{"step": 0, "num_params": params}]
+  for step in range(10, last_step + 1, 10):
+    rec = {"step": step, "train_loss": loss if step == last_step else 0.9,
+           "steps_per_s": steps_per_s}
+    if peak:
+      rec["peak_memory_bytes"] = peak
+    recs.append(rec)
+  with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in recs)
+  if status == "finished":
+    with open(os.path.join(wd, "results.json"), "w") as f:
+      json.dump({"task": task, "attention": attention, "proj_len": proj_len, "seed": seed,
+                 "num_params": params, "step": last_step, "num_train_steps": 100,
+                 "finished": True, "best_val_accuracy": val, "best_step": last_step,
+                 "test_accuracy": test, "test_loss": 1.0, "steps_per_s": steps_per_s}, f)
+  if failed_text:
+    with open(os.path.join(wd, results.FAILED_FILE), "w") as f:
+      f.write(failed_text)
+  return wd
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_two_seeds_give_mean_and_std(tmp_path):
+  fake_run(tmp_path, "listops/luna_l256_s0", seed=0, test=0.40)
+  fake_run(tmp_path, "listops/luna_l256_s1", seed=1, test=0.50)
+  rows = results.aggregate(results.load_runs([str(tmp_path)]))
+  assert len(rows) == 1 and rows[0].selected     # data_dir and seed do not split variants
+  row = rows[0]
+  assert (row.task, row.mechanism, len(row.test)) == ("listops", "luna-256", 2)
+  assert row.mean == pytest.approx(45.0)
+  assert row.std == pytest.approx(math.sqrt(50.0))
+  md = results.markdown(results.load_runs([str(tmp_path)]), rows, str(tmp_path), False)
+  assert "45.00 ± 7.07 (n=2)" in md
+
+
+def test_statuses_unfinished_diverged_failed(tmp_path):
+  fake_run(tmp_path, "a/done", seed=0)
+  fake_run(tmp_path, "a/killed", seed=1, status="unfinished", last_step=30)
+  fake_run(tmp_path, "a/nan", seed=2, status="diverged", last_step=40)
+  fake_run(tmp_path, "a/nan_marker", seed=3, status="unfinished",
+           failed_text="NonFiniteLossError: training loss became NaN/Inf at step 7")
+  fake_run(tmp_path, "a/oom", seed=4, status="unfinished", failed_text="RESOURCE_EXHAUSTED")
+  runs = {os.path.basename(r.workdir): r for r in results.load_runs([str(tmp_path)])}
+  assert {k: r.status for k, r in runs.items()} == {
+      "done": "finished", "killed": "unfinished", "nan": "diverged", "nan_marker": "diverged",
+      "oom": "failed"}
+  assert runs["killed"].step == 30 and runs["killed"].test_accuracy is None
+  rows = results.aggregate(runs.values())
+  assert len(rows) == 1 and len(rows[0].runs) == 1    # only the finished run is aggregated
+  md = results.markdown(list(runs.values()), rows, str(tmp_path), False)
+  unfinished = md.split("## Unfinished runs")[1].split("##")[0]
+  assert "a/killed" in unfinished and "| 30 | 100 |" in unfinished
+  diverged = md.split("## Diverged runs")[1].split("##")[0]
+  assert "a/nan " in diverged and "a/nan_marker" in diverged and "a/killed" not in diverged
+  assert "a/oom" in md.split("## Failed runs")[1]
+
+
+def test_averages_only_with_all_tasks(tmp_path):
+  for t in TASKS5:
+    fake_run(tmp_path, f"{t}/softmax", t, "softmax", test=0.6)
+    if t != "image":
+      fake_run(tmp_path, f"{t}/luna", t, "luna", proj_len=16, test=0.7)
+  report = results.write_report([str(tmp_path)], str(tmp_path / "out"))
+  rows = read_csv(report["files"]["results.csv"])
+  avgs = {(r["task"], r["mechanism"]): float(r["test_acc_mean"]) for r in rows
+          if r["task"].startswith("avg")}
+  assert avgs == {("avg5", "softmax"): pytest.approx(60.0)}   # luna-16 lacks Image; no Path-X
+  md = open(report["files"]["results.md"]).read()
+  table = md.split("## Per task")[0]
+  assert "Avg (5 tasks)" in table and "Avg (6 tasks)" not in table
+  luna_line = next(line for line in table.splitlines() if line.startswith("| luna-16"))
+  assert luna_line.rstrip(" |").endswith("—")
+
+
+def test_six_task_average_kept_apart(tmp_path):
+  for t in TASKS5 + ("pathx",):
+    fake_run(tmp_path, f"{t}/softmax", t, "softmax", test=0.5 if t == "pathx" else 0.8)
+  rows = read_csv(results.write_report([str(tmp_path)], str(tmp_path / "o"))["files"]
+                  ["results.csv"])
+  avgs = {r["task"]: float(r["test_acc_mean"]) for r in rows if r["task"].startswith("avg")}
+  assert avgs == {"avg5": pytest.approx(80.0), "avg6": pytest.approx(75.0)}
+
+
+def test_variants_select_best_validation_and_relative_speed(tmp_path):
+  fake_run(tmp_path, "lo", "listops", "luna", lr=1e-4, val=0.3, test=0.9, steps_per_s=20.0)
+  fake_run(tmp_path, "hi", "listops", "luna", lr=1e-3, val=0.6, test=0.5, steps_per_s=20.0)
+  fake_run(tmp_path, "sm", "listops", "softmax", steps_per_s=5.0)
+  rows = results.aggregate(results.load_runs([str(tmp_path)]))
+  luna = [r for r in rows if r.mechanism == "luna-256"]
+  assert sorted(r.variant for r in luna) == ["learning_rate=0.0001", "learning_rate=0.001"]
+  assert [r.variant for r in luna if r.selected] == ["learning_rate=0.001"]
+  speeds = results.relative_speeds(results.selected_table(rows))
+  assert speeds["luna-256"]["listops"] == pytest.approx(4.0)
+
+
+def test_published_rows_are_labelled_and_separate(tmp_path):
+  fake_run(tmp_path, "r", "listops", "luna")
+  plain = results.write_report([str(tmp_path)], str(tmp_path / "plain"))
+  assert all(r["source"] == "measured" for r in read_csv(plain["files"]["results.csv"]))
+  assert "published" not in open(plain["files"]["results.md"]).read().lower()
+  report = results.write_report([str(tmp_path)], str(tmp_path / "pub"), with_published=True)
+  rows = read_csv(report["files"]["results.csv"])
+  measured = [r for r in rows if r["source"] == "measured"]
+  published = [r for r in rows if r["source"] != "measured"]
+  assert len(measured) == 1 and all(r["source"].startswith("published: ") for r in published)
+  luna256 = {r["task"]: r["test_acc_mean"] for r in published if r["mechanism"] == "Luna-256"}
+  assert luna256["listops"] == "37.98" and luna256["avg5"] == "61.95"
+  md = open(report["files"]["results.md"]).read()
+  measured_part, published_part = md.split("## Published numbers (not measured here)")
+  assert "37.98" not in measured_part
+  assert "| published: Luna paper" in published_part and "| luna-256 |" in published_part
+
+
+@pytest.mark.parametrize("with_softmax,peak", [(True, 2**30), (False, None)])
+def test_plots_are_valid_pngs(tmp_path, with_softmax, peak):
+  mechs = [("luna", 16), ("luna", 256), ("performer", 256)]
+  if with_softmax:
+    mechs.append(("softmax", 256))
+  for t in TASKS5:
+    for i, (att, l) in enumerate(mechs):
+      for seed in (0, 1):
+        fake_run(tmp_path, f"{t}/{att}{l}_s{seed}", t, att, seed, proj_len=l,
+                 test=0.4 + 0.05 * i + 0.01 * seed, steps_per_s=5.0 + i, peak=peak)
+  report = results.write_report([str(tmp_path)], str(tmp_path / "out"), with_published=True)
+  for name in ("accuracy.png", "speed_accuracy.png"):
+    path = report["files"][name]
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 1000
+    with Image.open(path) as im:
+      assert im.format == "PNG" and im.size[0] >= 500 and im.size[1] >= 400
+
+
+def test_cli_writes_files(tmp_path, capsys):
+  fake_run(tmp_path / "runs", "listops/softmax", "listops", "softmax")
+  assert results.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
+  assert "| softmax | 50.00 (n=1) |" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "o")) == ["accuracy.png", "results.csv", "results.md",
+                                                "runs.csv", "speed_accuracy.png"]
