@@ -252,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.seq_len={config.seq_len} but the task data has length "
                      f"{task.seq_len}")
   _dump_config(config, workdir)
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "FAILED")):
+    os.remove(os.path.join(workdir, "FAILED"))   # a rerun replaces the old verdict
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))

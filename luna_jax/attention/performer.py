@@ -52,11 +52,15 @@ RELU_STABILIZER = 1e-3
 
 
 def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array:
-  """[num_features, dim] rows: QR-orthogonalised Gaussian blocks, rows rescaled by chi norms."""
+  """[num_features, dim] rows: QR-orthogonalised Gaussian blocks (Haar-distributed directions),
+  rows rescaled by the norms of fresh Gaussian vectors (so each row is marginally N(0, I))."""
   num_blocks = -(-num_features // dim)
   block_key, norm_key = jax.random.split(key)
   g_GxDxD = jax.random.normal(block_key, (num_blocks, dim, dim), jnp.float32)
-  q_GxDxD, _ = jnp.linalg.qr(g_GxDxD)
+  q_GxDxD, r_GxDxD = jnp.linalg.qr(g_GxDxD)
+  # Householder QR fixes the sign of diag(R), which biases the directions (e.g. every first
+  # column has a non-positive first entry); flipping columns by sign(diag(R)) makes Q Haar.
+  q_GxDxD = q_GxDxD * jnp.sign(jnp.diagonal(r_GxDxD, axis1=1, axis2=2))[:, None, :]
   rows_MxD = jnp.swapaxes(q_GxDxD, 1, 2).reshape(num_blocks * dim, dim)[:num_features]
   norms_M = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim), jnp.float32),
                             axis=-1)
