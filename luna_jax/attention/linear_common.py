@@ -18,7 +18,8 @@ Causal forms: `chunk_size <= 0` (or >= N) is the parallel form, an explicit lowe
 [N, N] product per head (O(N^2) memory; for short sequences and as a reference). `chunk_size > 0`
 is the chunked form: within a chunk an explicit masked [c, c] product, across chunks the [F, K]
 state carried by `lax.scan`; memory is O(N (F + K) + c^2 + F K) per head, and no per-step outer
-products [N, F, K] are ever built. `step` is the recurrent form (one token at a time, state of a
+products [N, F, K] are ever built (under autodiff the scan keeps per-chunk residuals: N/c
+[c, c] blocks and N/c [F, K] states, still linear in N). `step` is the recurrent form (one token at a time, state of a
 size independent of N).
 
 Log-domain keys (`log_k=True`, used by Performer's positive random features): `phi_k` holds

@@ -1,0 +1,87 @@
+"""No linear mechanism materialises an N x N array; softmax (the control) does.
+
+Checked on the traced program (no execution): every intermediate value in the jaxpr, including
+those inside scan / pjit / custom-derivative sub-jaxprs, at N = 256 and N = 1024.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from luna_jax.attention import get_attention
+
+B, D, H = 1, 16, 2   # dh = 8; no feature or hidden size equals a tested N
+N_SMALL, N_LARGE = 256, 1024
+CONFIGS = [
+    ("cheap_linear", {"gated": True}),
+    ("linear_elu", {}),
+    ("performer", {"num_features": 32}),
+    ("performer", {"kernel": "relu"}),
+    ("learned_kernel", {"num_features": 4, "num_outputs": 2, "hidden": 8}),
+    ("cosformer", {}),
+]
+
+
+def _sub_jaxprs(value):
+  if hasattr(value, "eqns"):
+    yield value
+  elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def _intermediate_shapes(jaxpr):
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      yield tuple(getattr(var.aval, "shape", ()))
+    for param in eqn.params.values():
+      for sub in _sub_jaxprs(param):
+        yield from _intermediate_shapes(sub)
+
+
+def _shapes(name, kw, n, causal, with_grad=False):
+  module = get_attention(name)(num_heads=H, causal=causal, **kw)
+  x = jax.ShapeDtypeStruct((B, n, D), jnp.float32)
+  mask = jax.ShapeDtypeStruct((B, n), jnp.bool_)
+  variables = jax.eval_shape(module.init, jax.random.key(0), x, mask)
+
+  def fn(variables, x, mask):
+    return module.apply(variables, x, mask)[0].sum()
+
+  if with_grad:
+    fn = jax.grad(fn)
+  return list(_intermediate_shapes(jax.make_jaxpr(fn)(variables, x, mask).jaxpr))
+
+
+def _largest(shapes):
+  return max(math.prod(s) for s in shapes)
+
+
+def _has_nxn(shapes, n):
+  return any(sum(d == n for d in s) >= 2 for s in shapes)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal_chunked"])
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=[c[0] + str(i) for i, c in enumerate(CONFIGS)])
+def test_linear_mechanisms_stay_linear(name, kw, causal):
+  small, large = (_shapes(name, kw, n, causal, with_grad=True) for n in (N_SMALL, N_LARGE))
+  assert not _has_nxn(small, N_SMALL) and not _has_nxn(large, N_LARGE)
+  ratio = _largest(large) / _largest(small)
+  assert 3.0 <= ratio <= 5.0, ratio   # N x4 -> largest intermediate about x4, not x16
+
+
+def test_softmax_control_has_nxn():
+  small, large = (_shapes("softmax", {}, n, causal=False) for n in (N_SMALL, N_LARGE))
+  assert _has_nxn(small, N_SMALL) and _has_nxn(large, N_LARGE)
+  assert _largest(large) / _largest(small) >= 12.0
+
+
+def test_causal_parallel_form_is_quadratic():
+  """chunk_size <= 0 selects the explicit [N, N] causal form: the check must see it."""
+  shapes = _shapes("linear_elu", {"chunk_size": 0}, N_SMALL, causal=True)
+  assert _has_nxn(shapes, N_SMALL)

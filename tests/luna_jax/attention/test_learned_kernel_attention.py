@@ -1,0 +1,77 @@
+"""LUNA learned kernel: the feature map against a numpy re-implementation; RMS rescale."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from luna_jax.attention.learned_kernel import LearnedKernelAttention
+from luna_jax.attention.learned_kernel import rms_factor
+
+B, N, D, H = 2, 8, 16, 2
+M, L, HID = 3, 2, 5
+MASK = np.array([[1] * 8, [1] * 5 + [0] * 3], bool)
+X = np.random.default_rng(0).standard_normal((B, N, D)).astype(np.float32)
+
+
+def _numpy_phi(x_BxNxHxK, p, shared_mlp, envelope):
+  """phi(x) = h(x)/sqrt(m) [psi_l(w_i . x + b_i)], x already scaled by dh**-0.25."""
+  u = np.einsum("bnhk,mk->bnhm", x_BxNxHxK, p["feature_proj"]) + p["feature_bias"]
+  out = np.zeros(u.shape + (L,))
+  for i in range(M):
+    if shared_mlp:
+      w1, b1, w2, b2 = p["psi_w1"], p["psi_b1"], p["psi_w2"], p["psi_b2"]
+    else:
+      w1, b1, w2, b2 = p["psi_w1"][i], p["psi_b1"][i], p["psi_w2"][i], p["psi_b2"][i]
+    hidden = np.maximum(u[..., i, None] * w1 + b1, 0.0)     # [B, N, H, HID]
+    out[..., i, :] = np.maximum(hidden @ w2 + b2, 0.0)
+  phi = out.reshape(*u.shape[:3], M * L) / np.sqrt(M)
+  if envelope == "learned":
+    z = x_BxNxHxK @ p["envelope_w"] + p["envelope_b"]
+    phi = phi * np.log1p(np.exp(z))[..., None]
+  return phi
+
+
+@pytest.mark.parametrize("shared_mlp,envelope", [(True, "none"), (False, "learned")])
+def test_feature_map_matches_numpy(shared_mlp, envelope):
+  module = LearnedKernelAttention(num_heads=H, num_features=M, num_outputs=L, hidden=HID,
+                                  shared_mlp=shared_mlp, envelope=envelope)
+  variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), X, MASK)
+  rng = np.random.default_rng(1)   # move zero-init parameters (bias, envelope) off zero
+  variables = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(np.float32),
+                           variables)
+  phi_q, phi_k, _ = jax.jit(lambda v: module.apply(v, X, MASK, method=module.features))(
+      variables)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  dh = D // H
+  for name, got in (("query", phi_q), ("key", phi_k)):
+    x = (X @ p[name]["kernel"]).reshape(B, N, H, dh) * dh**-0.25
+    want = _numpy_phi(x, p, shared_mlp, envelope)
+    assert (want > 0).mean() > 0.2   # not a dead feature map
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_factor_ignores_padding_and_shrinks_only():
+  u = np.random.default_rng(2).standard_normal((B, N, H, 4)).astype(np.float32)
+  u[..., 0] *= 0.01   # rms 0.01 < 0.1: factor capped at 1
+  u2 = u.copy()
+  u2[~MASK] = 1e4     # padded entries must not change the statistic
+  f1, f2 = np.asarray(rms_factor(jnp.asarray(u), MASK)), np.asarray(rms_factor(jnp.asarray(u2),
+                                                                               MASK))
+  np.testing.assert_allclose(f1, f2, rtol=1e-6)
+  want = np.minimum(1.0, 0.1 / np.sqrt((u[MASK] ** 2).mean(axis=(0, 1))))
+  np.testing.assert_allclose(f1, want, rtol=1e-5)
+  assert f1[0] == 1.0 and (f1[1:] < 0.5).all()
+
+
+def test_rms_rescale_changes_outputs_but_not_through_padding():
+  module = LearnedKernelAttention(num_heads=H, num_features=M, num_outputs=L, hidden=HID)
+  variables = jax.jit(module.init)(jax.random.key(0, impl="rbg"), X, MASK)
+  rescaled = module.clone(rms_rescale=True)
+  run = jax.jit(lambda x: rescaled.apply(variables, x, MASK)[0])
+  x2 = np.where(MASK[..., None], X, 100.0).astype(np.float32)
+  y, y2 = np.asarray(run(X)), np.asarray(run(x2))
+  np.testing.assert_allclose(y[MASK], y2[MASK], atol=1e-5)
+  y_plain = np.asarray(jax.jit(lambda x: module.apply(variables, x, MASK)[0])(X))
+  assert not np.allclose(y[MASK], y_plain[MASK], atol=1e-4)   # the rescale is active
