@@ -27,7 +27,8 @@ class LunaAttention(nn.Module):
   tie_kv: bool = False
   dropout_rate: float = 0.0        # attention dropout, on both probability maps
   dtype: jnp.dtype = jnp.float32
-  use_flash: bool = False          # pack/unpack through jax.nn.dot_product_attention (cuDNN)
+  use_flash: bool = False          # pack/unpack via jax.nn.dot_product_attention (cuDNN on GPU);
+                                   # assumes prefix masks (right padding), no attention maps
 
   def _proj(self, name: str, d: int, gain: float) -> nn.Dense:
     return common.projection(d, name, dtype=self.dtype, gain=gain, fan_in=d,
@@ -74,12 +75,17 @@ class LunaAttention(nn.Module):
   def _attend(self, q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
               key_mask_BxS: Array | None, name: str, deterministic: bool) -> Array:
     """Scaled-already softmax attention over S keys; sows the map when asked."""
-    fused = self.use_flash and (deterministic or self.dropout_rate == 0.0)
-    if fused and not self.is_mutable_collection("intermediates"):
-      mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
+    fused = (self.use_flash and (deterministic or self.dropout_rate == 0.0)
+             and not self.is_mutable_collection("intermediates"))
+    if fused:
+      # cuDNN flash attention on GPU with 16-bit inputs, XLA's fused path otherwise. Key
+      # masks are prefixes here (right padding, dynamic projection), so lengths suffice.
+      cudnn = (jax.default_backend() == "gpu"
+               and jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+      lengths_B = None if key_mask_BxS is None else key_mask_BxS.sum(-1).astype(jnp.int32)
       return jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, scale=1.0,
-          implementation="cudnn" if jax.default_backend() == "gpu" else None)
+          q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=1.0, key_value_seq_lengths=lengths_B,
+          implementation="cudnn" if cudnn else None)
     s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
                            preferred_element_type=jnp.float32)
     mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]

@@ -2,8 +2,9 @@
 
 `implementation`:
 * "xla": einsum scores, float32 masked softmax, attention dropout, einsum with V.
-* "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN flash attention
-  with a bool mask; GPU only, needs dtype bfloat16 or float16, no attention dropout.
+* "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN flash attention;
+  padding is passed as key lengths, so it assumes right padding (as every LRA task pads);
+  GPU only, needs dtype bfloat16 or float16, no attention dropout.
 * "auto": "cudnn" when running on GPU with a 16-bit dtype and no active attention dropout
   (deterministic or dropout_rate == 0), else "xla". Never "cudnn" on CPU or TPU.
 """
@@ -68,10 +69,11 @@ class SoftmaxAttention(nn.Module):
       keep_Bx1xNxN = causal_1x1xNxN if keep_Bx1x1xN is None else keep_Bx1x1xN & causal_1x1xNxN
 
     if impl == "cudnn":
-      if keep_Bx1xNxN is not None:   # cuDNN wants the full [B, 1, N, N] mask
-        keep_Bx1xNxN = jnp.broadcast_to(keep_Bx1xNxN, (b, 1, n, n))
-      o_BxNxHxK = jax.nn.dot_product_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK,
-                                               mask=keep_Bx1xNxN, implementation="cudnn")
+      # Padding as key lengths (the LRA tasks pad on the right), so no N x N mask is built.
+      lengths_B = None if mask_BxN is None else mask_BxN.sum(-1).astype(jnp.int32)
+      o_BxNxHxK = jax.nn.dot_product_attention(
+          q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=self.causal,
+          key_value_seq_lengths=lengths_B, implementation="cudnn")
     else:
       dh = q_BxNxHxK.shape[-1]
       scores_BxHxNxN = jnp.einsum("bqhk,bnhk->bhqn", q_BxNxHxK, k_BxNxHxK,

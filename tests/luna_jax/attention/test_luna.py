@@ -142,3 +142,28 @@ def test_causal_parallel_equals_incremental_and_is_causal(tied):
   assert np.abs(y2[:, 7:] - y[:, 7:]).max() > 1e-4
   state = attn.apply(params, p, method=LunaCausalAttention.init_state)
   assert state["s"].shape == (B, H, D // H, L)            # fixed size, independent of N
+
+
+def test_fused_path_equals_reference():
+  x, p, mask = _inputs()
+  p_mask = jnp.array([[True] * L, [True, True, True, False]])
+  ref = LunaAttention(num_heads=H)
+  params = ref.init(jax.random.key(1), x, mask, p)
+  y, yp = ref.apply(params, x, mask, p, p_mask)
+  y2, yp2 = LunaAttention(num_heads=H, use_flash=True).apply(params, x, mask, p, p_mask)
+  np.testing.assert_allclose(yp2, yp, atol=1e-5)
+  np.testing.assert_allclose(y2[mask], y[mask], atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_path_equals_reference_in_bfloat16():
+  x, p, mask = _inputs()
+  ref = LunaAttention(num_heads=H, dtype=jnp.bfloat16)
+  params = ref.init(jax.random.key(1), x, mask, p)
+  y, yp = ref.apply(params, x, mask, p)
+  y2, yp2 = LunaAttention(num_heads=H, dtype=jnp.bfloat16, use_flash=True).apply(
+      params, x, mask, p)
+  tol = 3e-2   # bfloat16 inputs; both paths accumulate in float32
+  np.testing.assert_allclose(np.asarray(yp2, np.float32), np.asarray(yp, np.float32), atol=tol)
+  np.testing.assert_allclose(np.asarray(y2, np.float32)[mask], np.asarray(y, np.float32)[mask],
+                             atol=tol)
