@@ -1,0 +1,166 @@
+"""Tests of the attention scaling benchmark on tiny sizes (no timing assertions)."""
+import json
+import math
+import pathlib
+import types
+
+import numpy as np
+import pytest
+
+from benchmarks import attention_scaling as bench
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--lengths", "64,128", "--dim", "16", "--heads", "2", "--batch", "1", "--layers", "1",
+        "--repeats", "1", "--warmup", "1", "--matmul-size", "128", "--xla-fast-compile"]
+OK_FLOAT_FIELDS = ("compile_time_s", "step_time_s", "examples_per_s", "tokens_per_s",
+                   "achieved_flops_per_s", "fraction_of_peak", "flops")
+
+
+def _run(tmp_path: pathlib.Path, name: str, extra: list[str]) -> tuple[dict, pathlib.Path]:
+  out = tmp_path / name
+  bench.main(TINY + extra + ["--json", str(out / "r.json"), "--markdown", str(out / "r.md"),
+                             "--plot", str(out / "r.png")])
+  return json.loads((out / "r.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def layer_run(tmp_path_factory):
+  return _run(tmp_path_factory.mktemp("bench"), "layer",
+              ["--mode", "layer", "--mechanisms", "softmax,luna:4,bogus"])
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+  return _run(tmp_path_factory.mktemp("bench"), "model",
+              ["--mode", "model", "--mechanisms", "softmax,luna:4"])
+
+
+def _check_report(report: dict, mode: str) -> None:
+  for key in ("device", "backend", "versions", "command", "date", "matmul_peak_flops", "results"):
+    assert key in report
+  assert set(report["versions"]) >= {"jax", "jaxlib", "flax"}
+  assert isinstance(report["matmul_peak_flops"], float) and report["matmul_peak_flops"] > 0
+  assert f"--mode {mode}" in report["command"]
+  ok = [r for r in report["results"] if r["status"] == "ok"]
+  assert {(r["label"], r["length"]) for r in ok} == {
+      ("softmax", 64), ("softmax", 128), ("luna:4", 64), ("luna:4", 128)}
+  for r in ok:
+    assert set(bench.RESULT_FIELDS) <= set(r)
+    assert r["mode"] == mode and r["dtype"] == "float32"
+    assert (r["batch"], r["dim"], r["heads"], r["layers"]) == (1, 16, 2, 1)
+    assert r["proj_len"] == (4 if r["mechanism"] == "luna" else None)
+    for field in OK_FLOAT_FIELDS:
+      assert isinstance(r[field], float) and r[field] > 0, (field, r[field])
+    assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0
+    assert math.isclose(r["tokens_per_s"], r["examples_per_s"] * r["length"])
+    assert math.isclose(r["fraction_of_peak"],
+                        r["achieved_flops_per_s"] / report["matmul_peak_flops"])
+  # The quadratic baseline's memory grows with the length.
+  soft = {r["length"]: r for r in ok if r["label"] == "softmax"}
+  assert soft[128]["peak_memory_bytes"] > soft[64]["peak_memory_bytes"]
+
+
+def _check_outputs(out: pathlib.Path) -> str:
+  assert (out / "r.png").read_bytes()[:8] == PNG_SIGNATURE
+  markdown = (out / "r.md").read_text()
+  assert "| mechanism | length | status |" in markdown
+  assert "## Relative to softmax" in markdown
+  return markdown
+
+
+def test_layer_mode_end_to_end(layer_run):
+  report, out = layer_run
+  _check_report(report, "layer")
+  markdown = _check_outputs(out)
+  assert "| luna:4 | 64 | ok |" in markdown
+
+
+def test_model_mode_end_to_end(model_run):
+  report, out = model_run
+  _check_report(report, "model")
+  _check_outputs(out)
+  # A training step updates (donated) params and optimizer state: arguments alias outputs.
+  for r in report["results"]:
+    assert r["memory_analysis"]["alias"] > 0
+
+
+def test_failing_mechanism_is_an_error_row(layer_run):
+  report, _ = layer_run
+  bogus = {r["length"]: r for r in report["results"] if r["label"] == "bogus"}
+  assert bogus[64]["status"] == "error" and "bogus" in bogus[64]["message"]
+  assert bogus[128]["status"] == "skipped"   # longer lengths of a failed mechanism are skipped
+  assert bogus[64]["step_time_s"] is None
+
+
+def test_memory_estimate_above_limit_is_oom(tmp_path):
+  report = bench.main(TINY + ["--mode", "layer", "--mechanisms", "softmax", "--matmul-size", "0",
+                              "--memory-limit-gb", "1e-9", "--json", str(tmp_path / "r.json")])
+  rows = {r["length"]: r for r in report["results"]}
+  assert rows[64]["status"] == "oom" and rows[64]["peak_memory_bytes"] > 0
+  assert rows[64]["step_time_s"] is None
+  assert rows[128]["status"] == "skipped"
+  assert report["matmul_peak_flops"] is None and rows[64]["fraction_of_peak"] is None
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0, 2.0, 2.7])
+def test_fit_loglog_slope_recovers_exponent(exponent):
+  xs = [2**k for k in range(6, 14)]
+  rng = np.random.default_rng(0)
+  ys = [3e-4 * x**exponent * (1 + 0.01 * rng.standard_normal()) for x in xs]
+  assert bench.fit_loglog_slope(xs, ys) == pytest.approx(exponent, abs=0.02)
+
+
+def test_fit_loglog_slope_tail_and_degenerate_inputs():
+  xs = [64, 128, 256, 512, 1024]
+  ys = [1.0, 1.0, 1.0, 4.0, 16.0]          # flat (overhead-bound), then quadratic
+  assert bench.fit_loglog_slope(xs, ys, tail=3) == pytest.approx(2.0, rel=0.25)
+  assert bench.fit_loglog_slope(xs[-2:], ys[-2:]) == pytest.approx(2.0)
+  assert math.isnan(bench.fit_loglog_slope([64], [1.0]))
+  assert math.isnan(bench.fit_loglog_slope([64, 128], [None, 0.0]))
+
+
+def test_parse_mechanisms():
+  specs = bench.parse_mechanisms("softmax, luna:16,luna,luna:x,performer:3")
+  assert [(s.label, s.name, s.proj_len) for s in specs[:3]] == [
+      ("softmax", "softmax", None), ("luna:16", "luna", 16), ("luna", "luna", 16)]
+  assert specs[3].error and specs[4].error
+
+
+def test_cost_flops_across_return_types():
+  def compiled(cost):
+    return types.SimpleNamespace(cost_analysis=lambda: cost)
+  assert bench.cost_flops(compiled({"flops": 10.0})) == 10.0
+  assert bench.cost_flops(compiled([{"flops": 7.0}])) == 7.0
+  assert bench.cost_flops(compiled(None)) is None
+  assert bench.cost_flops(compiled([])) is None
+  assert bench.cost_flops(compiled({"bytes accessed": 1.0})) is None
+
+
+def test_is_oom_error():
+  assert bench.is_oom_error(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB"))
+  assert bench.is_oom_error(MemoryError())
+  assert not bench.is_oom_error(ValueError("shapes do not match"))
+
+
+def test_relative_to_baseline():
+  def row(label, n, t, m, status="ok"):
+    return {"label": label, "length": n, "step_time_s": t, "peak_memory_bytes": m,
+            "status": status}
+  results = [row("softmax", 1024, 1.0, 100), row("softmax", 4096, 8.0, 1000),
+             row("luna:256", 1024, 0.5, 50), row("luna:256", 4096, 2.0, 160),
+             row("softmax", 8192, None, None, "oom"), row("luna:256", 8192, 4.0, 300)]
+  rel = bench.relative_to(results, "softmax")["luna:256"]
+  assert rel[4096] == pytest.approx((4.0, 0.16))
+  assert rel[1024] == pytest.approx((2.0, 0.5))
+  assert rel[8192] == "softmax oom"
+
+
+def test_merge_reports(layer_run, tmp_path):
+  report, out = layer_run
+  merged = bench.main(["--merge", str(out / "r.json"), str(out / "r.json"),
+                       "--markdown", str(tmp_path / "m.md"), "--plot", str(tmp_path / "m.png"),
+                       "--json", str(tmp_path / "m.json")])
+  assert len(merged["results"]) == 2 * len(report["results"])
+  assert len(merged["merged_from"]) == 2
+  assert (tmp_path / "m.png").read_bytes()[:8] == PNG_SIGNATURE
+  assert json.loads((tmp_path / "m.json").read_text())["results"] == merged["results"]
