@@ -38,7 +38,11 @@ def test_two_steps_write_metrics_and_results(tmp_path):
   assert recs[0]["num_params"] > 0
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["test_accuracy"] == pytest.approx(results["test_accuracy"])
-  assert os.listdir(tmp_path / "tb")
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("train_loss")] == [1, 2]
+  assert "val_accuracy" in events.Tags()["scalars"]
   assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
