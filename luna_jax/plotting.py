@@ -107,7 +107,10 @@ def heatmaps(maps_HxQxK: np.ndarray, *, row_mask: np.ndarray | None = None,
   h = maps.shape[0]
   ncols = ncols or min(h, 4)
   nrows = math.ceil(h / ncols)
-  fig = Figure(figsize=(panel_size * ncols + 0.6, panel_size * nrows + 0.6), layout="constrained")
+  # Room for the tick labels when they are drawn (about 0.08 inch per label).
+  width = max(panel_size, 0.08 * len(col_labels) if col_labels is not None else 0.0)
+  height = max(panel_size, 0.08 * len(row_labels) if row_labels is not None else 0.0)
+  fig = Figure(figsize=(width * ncols + 0.6, height * nrows + 0.6), layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False)
   vmax = np.nanmax(maps) if shared_scale and np.isfinite(maps).any() else None
   for i, ax in enumerate(axes.flat):
@@ -132,7 +135,7 @@ def image_grid(rows_KxN: np.ndarray, resolution: int, *, offset: int = 0,
                titles: Sequence[str] | None = None, image: np.ndarray | None = None,
                marks: Sequence[tuple[int, int] | None] | None = None,
                suptitle: str | None = None, ncols: int | None = None, cmap: str = "magma",
-               panel_size: float = 2.4) -> Figure:
+               panel_size: float = 2.4, colorbar: bool = True) -> Figure:
   """Each row of a [K, N] map reshaped to the `resolution` x `resolution` pixel grid.
 
   Args:
@@ -147,6 +150,7 @@ def image_grid(rows_KxN: np.ndarray, resolution: int, *, offset: int = 0,
     ncols: panels per row of the figure.
     cmap: colormap of the maps.
     panel_size: inches per panel.
+    colorbar: a colour scale beside every map (each map has its own scale, from 0).
   """
   rows = np.atleast_2d(np.asarray(rows_KxN, np.float64))
   npix = resolution * resolution
@@ -169,9 +173,13 @@ def image_grid(rows_KxN: np.ndarray, resolution: int, *, offset: int = 0,
       ax.set_axis_off()
       continue
     title, g, cm = panels[i]
-    ax.imshow(g, cmap=_cmap(cm), interpolation="nearest")
-    ax.set_title(title, fontsize=8)
     k = i - first_map
+    im = ax.imshow(g, cmap=_cmap(cm), interpolation="nearest", vmin=0.0 if k >= 0 else None)
+    ax.set_title(title, fontsize=8)
+    if colorbar and k >= 0:
+      cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+      cb.ax.tick_params(labelsize=5)
+      cb.formatter.set_powerlimits((-2, 2))
     if marks is not None and k >= 0 and marks[k] is not None:
       r, c = marks[k]
       ax.plot([c], [r], marker="+", color="cyan", markersize=8, mew=1.5)

@@ -84,6 +84,11 @@ class CheapLinearAttention(nn.Module):
     if self.normalization == "length":
       o_BxNxHxK = o_BxNxHxK / jnp.maximum(count_BxN, 1.0)[:, :, None, None]
 
+    if state is None:
+      scale_BxN = (1.0 / jnp.maximum(count_BxN, 1.0) if self.normalization == "length" else None)
+      linear_common.sow_attention_map(self, q_BxNxHxK, k_BxNxHxK, mask_BxN,
+                                      is_causal=self.causal, eps=0.0, mode="none",
+                                      row_scale_BxN=scale_BxN)
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, new_state, (q_BxNxHxK, k_BxNxHxK, v_BxNxHxK)
 

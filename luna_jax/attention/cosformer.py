@@ -74,6 +74,9 @@ class CosformerAttention(nn.Module):
                     else jnp.maximum(mask_BxN.sum(axis=1), 1).astype(jnp.float32))
     phi_q_BxNxHxF = cos_features(jax.nn.relu(q_BxNxHxK.astype(jnp.float32)), pos_BxN, length_B)
     phi_k_BxNxHxF = cos_features(jax.nn.relu(k_BxNxHxK.astype(jnp.float32)), pos_BxN, length_B)
+    if state is None:
+      linear_common.sow_attention_map(self, phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN,
+                                      is_causal=self.causal, eps=self.eps, mode="floor")
     o_BxNxHxK, new_state = linear_common.attend(
         phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="floor")

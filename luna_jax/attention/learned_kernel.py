@@ -124,6 +124,9 @@ class LearnedKernelAttention(nn.Module):
       return phi_BxNxHxF
 
     phi_q_BxNxHxF, phi_k_BxNxHxF = phi(xs[0], us[0]), phi(xs[1], us[1])
+    if state is None:
+      linear_common.sow_attention_map(self, phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN,
+                                      is_causal=self.causal, eps=self.eps, mode="eps")
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps")

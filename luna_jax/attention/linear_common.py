@@ -34,6 +34,8 @@ All sums are float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -104,6 +106,43 @@ def bidirectional(phi_q_BxNxHxF: Array, phi_k_BxNxHxF: Array, v_BxNxHxK: Array,
     return num_BxNxHxK
   den_BxNxH = jnp.einsum("bnhf,bhf->bnh", phi_q, kf_BxNxHxF.sum(axis=1))
   return _normalise(num_BxNxHxK, den_BxNxH, eps, mode)
+
+
+def attention_map(phi_q_BxNxHxF: Array, phi_k_BxNxHxF: Array, mask_BxN: Array | None, *,
+                  is_causal: bool, eps: float, mode: str, log_k: bool = False) -> Array:
+  """The N x N map a linear mechanism implies, [B, H, N, N] float32 (for inspection only)."""
+  _check_mode(mode)
+  phi_q, phi_k = _f32(phi_q_BxNxHxF, phi_k_BxNxHxF)
+  shift_BxNxH = None
+  if log_k:
+    shift_BxH = jnp.max(_key_log_max(phi_k, mask_BxN), axis=1)
+    shift_BxNxH = jnp.broadcast_to(shift_BxH[:, None], phi_k.shape[:3])
+  kf_BxNxHxF = _key_features(phi_k, mask_BxN, shift_BxNxH)
+  a_BxHxNxN = jnp.einsum("bihf,bjhf->bhij", phi_q, kf_BxNxHxF)
+  if is_causal:
+    n = a_BxHxNxN.shape[-1]
+    a_BxHxNxN = jnp.where(jnp.tril(jnp.ones((n, n), bool)), a_BxHxNxN, 0.0)
+  if mode == "none":
+    return a_BxHxNxN
+  den_BxHxN = a_BxHxNxN.sum(-1)
+  if mode == "floor":
+    return a_BxHxNxN / jnp.maximum(den_BxHxN, eps)[..., None]
+  total_BxHxN = den_BxHxN + eps
+  return a_BxHxNxN / jnp.where(total_BxHxN > 0, total_BxHxN, 1.0)[..., None]
+
+
+def sow_attention_map(module: Any, phi_q_BxNxHxF: Array, phi_k_BxNxHxF: Array,
+                      mask_BxN: Array | None, *, is_causal: bool, eps: float, mode: str,
+                      log_k: bool = False, row_scale_BxN: Array | None = None) -> None:
+  """Sows `attn_weights` [B, H, N, N] only when `intermediates` is mutable (inspection); the
+  training path builds nothing. `row_scale_BxN` rescales query rows (cheap linear's 1/n)."""
+  if not module.is_mutable_collection("intermediates"):
+    return
+  a_BxHxNxN = attention_map(phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN, is_causal=is_causal,
+                            eps=eps, mode=mode, log_k=log_k)
+  if row_scale_BxN is not None:
+    a_BxHxNxN = a_BxHxNxN * row_scale_BxN[:, None, :, None]
+  module.sow("intermediates", "attn_weights", a_BxHxNxN)
 
 
 def zero_state(batch_size: int, num_heads: int, num_features: int, head_dim: int) -> State:

@@ -46,6 +46,9 @@ class LinearEluAttention(nn.Module):
         for name in ("query", "key", "value"))
     phi_q_BxNxHxK = jax.nn.elu(q_BxNxHxK.astype(jnp.float32)) + 1.0
     phi_k_BxNxHxK = jax.nn.elu(k_BxNxHxK.astype(jnp.float32)) + 1.0
+    if state is None:
+      linear_common.sow_attention_map(self, phi_q_BxNxHxK, phi_k_BxNxHxK, mask_BxN,
+                                      is_causal=self.causal, eps=self.eps, mode="eps")
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps")

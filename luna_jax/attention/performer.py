@@ -128,6 +128,10 @@ class PerformerAttention(nn.Module):
           log_q_BxNxHxF - jax.lax.stop_gradient(log_q_BxNxHxF.max(-1, keepdims=True)))
       phi_k_BxNxHxF = log_features(k_BxNxHxK)   # log domain: stabilised in linear_common
       log_k = True
+    if state is None:
+      linear_common.sow_attention_map(self, phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN,
+                                      is_causal=self.causal, eps=self.eps, mode="eps",
+                                      log_k=log_k)
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps", log_k=log_k)

@@ -59,6 +59,8 @@ class SoftmaxAttention(nn.Module):
         for name in ("query", "key", "value"))
     dropout_active = not deterministic and self.dropout_rate > 0.0
     impl = resolve_implementation(self.implementation, self.dtype, dropout_active)
+    if self.is_mutable_collection("intermediates"):
+      impl = "xla"   # inspection needs the weights, which the fused kernel does not return
     if impl == "cudnn" and dropout_active:
       raise ValueError("implementation='cudnn' has no attention dropout; use 'xla' or 'auto'")
 
@@ -79,6 +81,7 @@ class SoftmaxAttention(nn.Module):
       scores_BxHxNxN = jnp.einsum("bqhk,bnhk->bhqn", q_BxNxHxK, k_BxNxHxK,
                                   preferred_element_type=jnp.float32) * dh**-0.5
       w_BxHxNxN = common.masked_softmax(scores_BxHxNxN, keep_Bx1xNxN)
+      self.sow("intermediates", "attn_weights", w_BxHxNxN)    # only when inspecting
       w_BxHxNxN = nn.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
       o_BxNxHxK = jnp.einsum("bhqn,bnhk->bqhk", w_BxHxNxN.astype(self.dtype), v_BxNxHxK)
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
