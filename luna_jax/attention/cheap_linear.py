@@ -38,7 +38,7 @@ State = dict[str, Array]
 NORMALIZATIONS = ("length", "none")
 
 
-class CheapLinearAttention(nn.Module):
+class CheapLinearAttention(linear_common.LinearAttention):
   """out = Q (K^T V) per head, optionally divided by the number of real keys and key-gated."""
   num_heads: int
   dropout_rate: float = 0.0   # unused (no attention matrix)
@@ -92,17 +92,6 @@ class CheapLinearAttention(nn.Module):
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, new_state, (q_BxNxHxK, k_BxNxHxK, v_BxNxHxK)
 
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
-               p_mask_BxL: Array | None = None, *, deterministic: bool = True
-               ) -> tuple[Array, None]:
-    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
-    del p_BxLxD, p_mask_BxL, deterministic
-    return self._forward(x_BxNxD, mask_BxN, None)[0], None
-
-  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
-    """(phi_q, phi_k, v), each [B, N, H, dh]: scaled queries, (gated) keys, values."""
-    return self._forward(x_BxNxD, mask_BxN, None)[2]
-
   def summary(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> Array:
     """The fixed-size summary C = K^T V (/ n with "length"), [B, H, dh, dh]."""
     _, k_BxNxHxK, v_BxNxHxK = self.features(x_BxNxD, mask_BxN)
@@ -121,10 +110,3 @@ class CheapLinearAttention(nn.Module):
     state = linear_common.zero_state(batch_size, self.num_heads, dh, dh)
     state["count"] = jnp.zeros((batch_size,), jnp.float32)
     return state
-
-  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
-           ) -> tuple[Array, State]:
-    """Causal decoding of one token: (y_BxD, new state). mask_B False: state unchanged."""
-    mask_Bx1 = None if mask_B is None else mask_B[:, None]
-    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
-    return y_Bx1xD[:, 0], state

@@ -36,7 +36,7 @@ def cos_features(x_BxNxHxK: Array, pos_BxN: Array, length_B: Array) -> Array:
   return jnp.concatenate([x_BxNxHxK * jnp.sin(angle), x_BxNxHxK * jnp.cos(angle)], axis=-1)
 
 
-class CosformerAttention(nn.Module):
+class CosformerAttention(linear_common.LinearAttention):
   """Linear attention with ReLU features and cos(pi/2 (i - j) / M) locality re-weighting."""
   num_heads: int
   dropout_rate: float = 0.0   # unused (no attention matrix)
@@ -85,28 +85,9 @@ class CosformerAttention(nn.Module):
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, new_state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
-               p_mask_BxL: Array | None = None, *, deterministic: bool = True
-               ) -> tuple[Array, None]:
-    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
-    del p_BxLxD, p_mask_BxL, deterministic
-    return self._forward(x_BxNxD, mask_BxN, None)[0], None
-
-  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
-    """(phi(q), phi(k)) [B, N, H, 2*dh] with positions folded in, and v [B, N, H, dh]."""
-    return self._forward(x_BxNxD, mask_BxN, None)[2]
-
   def init_state(self, batch_size: int) -> State:
     """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
     dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
     state = linear_common.zero_state(batch_size, self.num_heads, 2 * dh, dh)
     state["t"] = jnp.zeros((batch_size,), jnp.float32)   # position of the next token
     return state
-
-  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
-           ) -> tuple[Array, State]:
-    """Causal decoding of one token: (y_BxD, new state). mask_B False: the sums are unchanged
-    but the position advances (as in the parallel form, which uses padded positions)."""
-    mask_Bx1 = None if mask_B is None else mask_B[:, None]
-    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
-    return y_Bx1xD[:, 0], state

@@ -59,7 +59,7 @@ def rms_factor(u_BxNxHxM: Array, mask_BxN: Array | None) -> Array:
   return jnp.minimum(1.0, RMS_TARGET * jax.lax.rsqrt(mean_M + 1e-12))
 
 
-class LearnedKernelAttention(nn.Module):
+class LearnedKernelAttention(linear_common.LinearAttention):
   """Normalised linear attention with LUNA's learned positive feature map."""
   num_heads: int
   dropout_rate: float = 0.0   # unused (no attention matrix)
@@ -133,26 +133,8 @@ class LearnedKernelAttention(nn.Module):
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
-               p_mask_BxL: Array | None = None, *, deterministic: bool = True
-               ) -> tuple[Array, None]:
-    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
-    del p_BxLxD, p_mask_BxL, deterministic
-    return self._forward(x_BxNxD, mask_BxN, None)[0], None
-
-  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
-    """(phi(q) [B, N, H, m*L], phi(k) [B, N, H, m*L], v [B, N, H, dh])."""
-    return self._forward(x_BxNxD, mask_BxN, None)[2]
-
   def init_state(self, batch_size: int) -> State:
     """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
     dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
     return linear_common.zero_state(batch_size, self.num_heads,
                                     self.num_features * self.num_outputs, dh)
-
-  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
-           ) -> tuple[Array, State]:
-    """Causal decoding of one token: (y_BxD, new state). mask_B False: state unchanged."""
-    mask_Bx1 = None if mask_B is None else mask_B[:, None]
-    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
-    return y_Bx1xD[:, 0], state

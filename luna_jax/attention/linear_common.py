@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -277,3 +278,28 @@ def step(phi_q_BxHxF: Array, phi_k_BxHxF: Array, v_BxHxK: Array, state: State,
   den_BxH = None if mode == "none" else jnp.einsum("bhf,bhf->bh", phi_q, z_BxHxF)
   out_BxHxK = _normalise(num_BxHxK, den_BxH, eps, mode)
   return out_BxHxK, {"s": s_BxHxFxK, "z": z_BxHxF, "c": c_BxH}
+
+
+class LinearAttention(nn.Module):
+  """The interface every linear mechanism shares. Subclasses define `_forward(x, mask, state)
+  -> (y, new_state, features)` (state None: the whole sequence) and `init_state`."""
+
+  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
+               p_mask_BxL: Array | None = None, *, deterministic: bool = True
+               ) -> tuple[Array, None]:
+    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
+    del p_BxLxD, p_mask_BxL, deterministic
+    return self._forward(x_BxNxD, mask_BxN, None)[0], None
+
+  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
+    """(query features, key features, v) as the mechanism computes them (see its docstring)."""
+    return self._forward(x_BxNxD, mask_BxN, None)[2]
+
+  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
+           ) -> tuple[Array, State]:
+    """Causal decoding of one token: (y_BxD, new state). mask_B False: the sums are unchanged
+    (cosFormer's position still advances). Performer: pass the same "features" rng as for the
+    sequence."""
+    mask_Bx1 = None if mask_B is None else mask_B[:, None]
+    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
+    return y_Bx1xD[:, 0], state

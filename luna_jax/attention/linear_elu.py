@@ -21,7 +21,7 @@ Array = jax.Array
 State = dict[str, Array]
 
 
-class LinearEluAttention(nn.Module):
+class LinearEluAttention(linear_common.LinearAttention):
   """Normalised linear attention with the elu + 1 feature map."""
   num_heads: int
   dropout_rate: float = 0.0   # unused (no attention matrix)
@@ -55,25 +55,7 @@ class LinearEluAttention(nn.Module):
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, state, (phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK)
 
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
-               p_mask_BxL: Array | None = None, *, deterministic: bool = True
-               ) -> tuple[Array, None]:
-    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
-    del p_BxLxD, p_mask_BxL, deterministic
-    return self._forward(x_BxNxD, mask_BxN, None)[0], None
-
-  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
-    """(phi(q), phi(k), v), each [B, N, H, dh]."""
-    return self._forward(x_BxNxD, mask_BxN, None)[2]
-
   def init_state(self, batch_size: int) -> State:
     """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
     dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
     return linear_common.zero_state(batch_size, self.num_heads, dh, dh)
-
-  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
-           ) -> tuple[Array, State]:
-    """Causal decoding of one token: (y_BxD, new state). mask_B False: state unchanged."""
-    mask_Bx1 = None if mask_B is None else mask_B[:, None]
-    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
-    return y_Bx1xD[:, 0], state

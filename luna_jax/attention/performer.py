@@ -67,8 +67,11 @@ def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array
   return rows_MxD * norms_M[:, None]
 
 
-class PerformerAttention(nn.Module):
-  """Linear attention with FAVOR+ (or the LRA ReLU) features."""
+class PerformerAttention(linear_common.LinearAttention):
+  """Linear attention with FAVOR+ (or the LRA ReLU) features.
+
+  `features()` returns (phi(q) with its per-query stabiliser, key features, v); for the softmax
+  kernel the key features are in the log domain (stabilised inside linear_common)."""
   num_heads: int
   dropout_rate: float = 0.0   # unused (no attention matrix)
   dtype: Any = jnp.float32
@@ -138,31 +141,8 @@ class PerformerAttention(nn.Module):
     y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
-               p_mask_BxL: Array | None = None, *, deterministic: bool = True
-               ) -> tuple[Array, None]:
-    """Returns (y_BxNxD, None); `p_*` and `deterministic` are ignored."""
-    del p_BxLxD, p_mask_BxL, deterministic
-    return self._forward(x_BxNxD, mask_BxN, None)[0], None
-
-  def features(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> tuple[Array, ...]:
-    """(phi(q) [B, N, H, F], key features [B, N, H, F], v [B, N, H, dh]).
-
-    softmax kernel: phi(q) carries its per-query stabiliser; the key features are returned in
-    the log domain (log phi(k_hat), unstabilised).
-    """
-    return self._forward(x_BxNxD, mask_BxN, None)[2]
-
   def init_state(self, batch_size: int) -> State:
     """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
     dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
     f = dh if self.kernel == "relu" else self.num_features
     return linear_common.zero_state(batch_size, self.num_heads, f, dh)
-
-  def step(self, x_BxD: Array, state: State, mask_B: Array | None = None
-           ) -> tuple[Array, State]:
-    """Causal decoding of one token: (y_BxD, new state). Pass the same "features" rng as for
-    the sequence. mask_B False: state unchanged."""
-    mask_Bx1 = None if mask_B is None else mask_B[:, None]
-    y_Bx1xD, state, _ = self._forward(x_BxD[:, None], mask_Bx1, state)
-    return y_Bx1xD[:, 0], state
