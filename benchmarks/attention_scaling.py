@@ -676,12 +676,12 @@ def to_markdown(report: dict[str, Any], baseline: str | None, tail: int) -> str:
   lines = [
       "# Attention scaling benchmark", "",
       f"- device: {report['device']} (backend {report['backend']})",
-      f"- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+      "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
       f"- date: {report['date']}; host load average {_loads(report['host'])}",
       f"- command: `{report['command']}`",
       f"- matmul peak: {_fmt(peak, '.3g', 1e-12)} TFLOP/s "
       f"({report['matmul_peak']['size'] if report['matmul_peak'] else '-'}^3 {report['dtype']})",
-      f"- memory = compiled estimate (temp + arguments + outputs - aliased); device peak = "
+      "- memory = compiled estimate (temp + arguments + outputs - aliased); device peak = "
       f"`peak_bytes_in_use` where reported.", "",
       "| mechanism | length | status | compile s | step ms | examples/s | tokens/s | memory MiB "
       "| device peak MiB | GFLOP/step | TFLOP/s | % of peak |",

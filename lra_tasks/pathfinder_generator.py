@@ -260,7 +260,7 @@ class _Scene:
 
   def commit(self) -> None:
     """Adds the items placed since the last commit to the raster."""
-    c, b, a = self.cells_per_px, self._border - self._anchor, self._anchor
+    c, b = self.cells_per_px, self._border - self._anchor
     w = self._masks.shape[-1]
     for it in self.items[self.committed:]:
       x, y = int(it.seg[0] * c) + b, int(it.seg[1] * c) + b

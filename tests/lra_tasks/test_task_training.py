@@ -1,6 +1,5 @@
 """A short training run of every task on tiny data in the official layout (built by the tests)."""
 import numpy as np
-import pytest
 
 from configs import image as image_config
 from configs import pathfinder as pathfinder_config

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from luna_jax import convert
 from tests.conftest import REPO
@@ -21,7 +20,6 @@ def _reference_luna(v, prefix, heads, pheads, x_pad, p_pad, tied):
       f"{prefix}{name}_proj_bias"]
   x, p = v["x"].astype(np.float64), v["p"].astype(np.float64)   # [N,B,D], [l,B,D]
   n, b, d = x.shape
-  l = p.shape[0]
 
   def attend(q, k, val, key_pad, h):           # q [T,B,D], k/v [S,B,D], key_pad [B,S]
     t, s = q.shape[0], k.shape[0]
