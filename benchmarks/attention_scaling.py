@@ -682,7 +682,7 @@ def to_markdown(report: dict[str, Any], baseline: str | None, tail: int) -> str:
       f"- matmul peak: {_fmt(peak, '.3g', 1e-12)} TFLOP/s "
       f"({report['matmul_peak']['size'] if report['matmul_peak'] else '-'}^3 {report['dtype']})",
       "- memory = compiled estimate (temp + arguments + outputs - aliased); device peak = "
-      f"`peak_bytes_in_use` where reported.", "",
+      "`peak_bytes_in_use` where reported.", "",
       "| mechanism | length | status | compile s | step ms | examples/s | tokens/s | memory MiB "
       "| device peak MiB | GFLOP/step | TFLOP/s | % of peak |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
