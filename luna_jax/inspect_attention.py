@@ -276,6 +276,7 @@ def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.Confi
   """
   if which not in ("auto", "best", "latest"):
     raise ValueError(f"which={which!r}; expected 'auto', 'best' or 'latest'")
+  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
   config = load_config(workdir)
   best_dir, ckpt_dir = os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")
   # Restore targets come from the checkpoint's own metadata, placed on one local device, so a
