@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="cmd", required=True)
   for name in ("check", "check-causal"):
     s = sub.add_parser(name)
-    s.add_argument("vectors", help="npz file in the layout of ../shared/fixtures/luna_*.npz")
+    s.add_argument("vectors", help="npz file in the layout of tests/fixtures/luna_*.npz")
     s.add_argument("--tol", type=float, default=1e-5)
   args = parser.parse_args(argv)
   jax.config.update("jax_default_matmul_precision", "highest")

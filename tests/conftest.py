@@ -17,14 +17,14 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   if not (FIXTURES / "luna_vectors.npz").exists():
-    pytest.fail(f"shared fixtures not found at {FIXTURES} (expected ../shared/fixtures beside "
-                "the repository)")
+    pytest.fail(f"fixtures not found at {FIXTURES}: they are part of the repository "
+                "(tests/fixtures/README.md)")
   return FIXTURES
 
 
