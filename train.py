@@ -11,6 +11,7 @@ LUNA_JAX_DISTRIBUTED=1 on TPU pods and Slurm (auto-detected).
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import common
 from luna_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -26,7 +27,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   trainer.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  with config.unlocked():
+    common.mark_overrides(config, _dotted(overrides))
+  trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the leaves of a nested override dict."""
+  out = []
+  for k, v in tree.items():
+    out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+  return out
 
 
 if __name__ == "__main__":

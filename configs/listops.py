@@ -3,6 +3,10 @@ r"""ListOps (LRA): Luna recipe of the Luna paper; LRA reference recipe for the b
 Quick run (built-in generated data, a few minutes on a laptop CPU):
   python train.py --config=configs/listops.py:quick --workdir=runs/listops_quick
 
+Small-model protocol (configs/common.py; generated full-size data when data_dir is empty):
+  python train.py --config=configs/listops.py:luna,small,l=16 --workdir=runs/listops_small_luna16
+  python train.py --config=configs/listops.py:softmax,small --workdir=runs/listops_small_softmax
+
 Published recipes (official data in lra_release/listops-1000):
   python train.py --config=configs/listops.py:luna,l=256 --workdir=runs/listops_luna256 \
       --config.data_dir=/data/lra_release/listops-1000
@@ -10,7 +14,8 @@ Published recipes (official data in lra_release/listops-1000):
       --config.data_dir=/data/lra_release/listops-1000
 
 Arguments: an attention name (luna [default], softmax, cheap_linear, linear_elu, performer,
-learned_kernel, cosformer), `quick`, and key=value items (`l=16` sets model.proj_len).
+learned_kernel, cosformer), `small` (the small-model protocol), `quick`, and key=value items
+(`l=16` sets model.proj_len).
 """
 import ml_collections
 
@@ -44,12 +49,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:                                # LRA reference recipe
     common.lra_reference_model(c)
     m.num_layers, m.num_heads = 4, 8
-    m.emb_dim, m.mlp_dim, m.classifier_dim = 512, 1024, 1024
+    m.emb_dim, m.qkv_dim, m.mlp_dim, m.classifier_dim = 512, 512, 1024, 1024
     m.dropout = m.attention_dropout = 0.1
+    common.mlp_dropout_as_block(c)
     c.learning_rate, c.weight_decay = 0.05, 0.1
+    # LRA ran Performer on ListOps with FAVOR+ softmax features, very few of them.
+    m.performer.update(kernel="softmax", num_features=2)
+  if "small" in words:                 # 2,000 symbols, no CLS (mean readout); table 2048
+    common.small_protocol(c, batch=32, steps=5000, warmup=1000, eval_every=50,
+                          eval_batches=62, max_len=2048)
+    c.seq_len = 2000
+    m.proj_len = 16
 
   if "quick" in words:                 # short generated ListOps, small model, CPU minutes
-    c.seq_len = 128
+    c.seq_len = 128 - ("small" in words)
+    m.max_len = 0
     c.listops.update(num_train=20_000, num_val=500, num_test=1_000, min_length=20,
                      max_length=120, max_depth=4, max_args=5, seed=0)
     c.batch_size = 32
@@ -65,5 +79,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dropout = m.attention_dropout = 0.0
     c.weight_decay = 0.0
     c.learning_rate = 1e-3 if attention == "luna" else 0.05
-  common.apply_overrides(c, kv)
-  return c
+  return common.finish(c, attention, words, kv)

@@ -8,6 +8,9 @@ Official data (lra_release/pathfinder32):
       --config.data_dir=/data/lra_release/pathfinder32
   python train.py --config=configs/pathfinder.py:softmax --workdir=runs/pathfinder_softmax \
       --config.data_dir=/data/lra_release/pathfinder32
+Small-model protocol (configs/common.py):
+  python train.py --config=configs/pathfinder.py:softmax,small --workdir=runs/pathfinder_small \
+      --config.data_dir=/data/lra_release/pathfinder32
 Other difficulties: --config.pathfinder.difficulty=curv_contour_length_9 (or curv_baseline).
 """
 import ml_collections
@@ -37,19 +40,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_train_steps, c.warmup_steps = 62500, 4000
     c.learning_rate, c.weight_decay = 1e-3, 0.0
   else:
-    common.lra_reference_model(c)
-    m.positions = "learned"
+    common.lra_reference_model(c)       # sinusoidal positions (learn_pos_emb=False)
     c.schedule = "cosine"
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 32, 32, 4, 32
+    m.qkv_dim = 16
     m.dropout, m.attention_dropout = 0.2, 0.1
+    common.mlp_dropout_as_block(c)
     c.num_train_steps, c.warmup_steps = 62400, 312
     c.learning_rate, c.weight_decay = 1e-3, 0.0
+  if "small" in words:
+    common.small_protocol(c, batch=256, steps=62400, warmup=312, eval_every=312,
+                          eval_batches=312, max_len=1024)
+    m.proj_len = 16
   if "quick" in words:
     c.pathfinder.num_images = 4000
     c.batch_size = 32
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 400, 50, 200, 200
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 32, 64, 4, 64
+    m.qkv_dim = 0
     m.proj_len = 16
     c.learning_rate = 1e-3
-  common.apply_overrides(c, kv)
-  return c
+  return common.finish(c, attention, words, kv)

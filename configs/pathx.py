@@ -14,6 +14,9 @@ from configs.pathfinder import pathfinder_fields
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   attention, words, kv = common.parse_arg(arg)
+  if "small" in words:
+    raise ValueError("configs/pathx.py: the small-model protocol has no Path-X recipe (its "
+                     "table covers ListOps, Text, Retrieval, Image and Pathfinder-32)")
   c = common.base_config()
   c.task = "pathx"
   c.pathfinder = pathfinder_fields(128)
@@ -27,11 +30,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size, c.num_train_steps, c.warmup_steps = 64, 500_000, 2500
     c.learning_rate, c.weight_decay = 1e-3, 0.0
   else:
-    common.lra_reference_model(c)
-    m.positions = "learned"
+    common.lra_reference_model(c)       # sinusoidal positions (learn_pos_emb=False)
     c.schedule = "cosine"
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 32, 32, 2, 32
+    m.qkv_dim = 16
     m.dropout = m.attention_dropout = 0.1
+    common.mlp_dropout_as_block(c)
     c.batch_size, c.num_train_steps, c.warmup_steps = 64, 500_000, 2500
     c.learning_rate, c.weight_decay, c.grad_clip = 1e-3, 0.0, 1.0
   if "quick" in words:
@@ -39,6 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 50, 10, 50, 50
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 32, 64, 4, 64
+    m.qkv_dim = 0
     m.proj_len = 16
-  common.apply_overrides(c, kv)
-  return c
+  return common.finish(c, attention, words, kv)

@@ -5,7 +5,12 @@ Needs lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv (README, "Officia
       --config.data_dir=/data/lra_release/tsv_data
   python train.py --config=configs/retrieval.py:softmax --workdir=runs/retrieval_softmax \
       --config.data_dir=/data/lra_release/tsv_data
-`--config.model.retrieval_combine=interact` uses [u, v, u*v, u-v] instead of Luna's [v, u].
+Small-model protocol (4,000 bytes per document, [u, v, u*v, u-v]; configs/common.py):
+  python train.py --config=configs/retrieval.py:softmax,small --workdir=runs/retrieval_small \
+      --config.data_dir=/data/lra_release/tsv_data
+Luna combines the two documents as [v, u] (paper era); the LRA baselines read each document's
+first position (no CLS, no EOS) and combine [u, v] through Dense(512) -> ReLU -> Dense(256) ->
+ReLU -> Dense(2); `--config.model.retrieval_combine=interact` uses [u, v, u*v, u-v].
 """
 import ml_collections
 
@@ -31,15 +36,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     common.lra_reference_model(c)
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 128, 512, 4, 512
+    m.qkv_dim = 128
     m.dropout = m.attention_dropout = 0.1
+    common.mlp_dropout_as_block(c)
+    m.readout, m.retrieval_combine, m.classifier_layers = "first", "concat", 2
+    c.seq_len, c.append_eos = 4000, False
     c.num_train_steps, c.warmup_steps = 5000, 8000   # as published (warmup > steps)
     c.learning_rate, c.weight_decay = 0.05, 0.1
+  if "small" in words:
+    common.small_protocol(c, batch=32, steps=30000, warmup=800, eval_every=300,
+                          eval_batches=565, max_len=4096)
+    c.seq_len, c.append_eos = 4000, False
+    m.proj_len = 16
   if "quick" in words:
     c.seq_len = 256
+    m.max_len = 0
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
     c.eval_max_examples = 1000
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 64, 128, 4, 128
     m.proj_len = 16
     c.learning_rate = 1e-3 if attention == "luna" else 0.05
-  common.apply_overrides(c, kv)
-  return c
+  return common.finish(c, attention, words, kv)

@@ -5,6 +5,9 @@ Needs the TFDS `imdb_reviews` dataset prepared as array_record (README, "Officia
       --config.data_dir=/data/tfds
   python train.py --config=configs/text.py:softmax --workdir=runs/text_softmax \
       --config.data_dir=/data/tfds
+Small-model protocol (4,000 bytes, no CLS or EOS, mean readout; configs/common.py):
+  python train.py --config=configs/text.py:softmax,small --workdir=runs/text_small_softmax \
+      --config.data_dir=/data/tfds
 Quick (short reviews, small model, CPU minutes):
   python train.py --config=configs/text.py:quick --workdir=runs/text_quick \
       --config.data_dir=/data/tfds
@@ -33,15 +36,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     common.lra_reference_model(c)
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 4, 256, 1024, 4, 1024
+    m.qkv_dim = 256
     m.dropout = m.attention_dropout = 0.1
+    common.mlp_dropout_as_block(c)
     c.learning_rate, c.weight_decay = 0.05, 0.1
+  if "small" in words:
+    common.small_protocol(c, batch=32, steps=20000, warmup=8000, eval_every=500,
+                          eval_batches=781, max_len=4096)
+    c.seq_len, c.append_eos = 4000, False
+    m.proj_len = 16
   if "quick" in words:
     c.seq_len = 256
+    m.max_len = 0
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
     c.eval_max_examples = 1000
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 64, 128, 4, 128
     m.proj_len, m.init = 16, "default"
     m.dropout = m.attention_dropout = 0.1
     c.learning_rate = 1e-3 if attention == "luna" else 0.05
-  common.apply_overrides(c, kv)
-  return c
+  return common.finish(c, attention, words, kv)

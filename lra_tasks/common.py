@@ -14,6 +14,8 @@ every position is a real token, so no pixel value is ever treated as padding.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -30,12 +32,59 @@ class TaskData:
   seq_len: int
   pad_id: int | None = 0
   num_docs: int = 1            # 2 for Retrieval (dual encoder)
+  # Where the data came from, for results.json: {"source": "official", "files": {name:
+  # sha256}} or {"source": "generated", "generator": module, "settings": {...}}.
+  provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class DataError(ValueError):
   """Bad or missing input data; the message names the file (and line) and what was expected."""
 
 
+def uses_cls(config: Any) -> bool:
+  """The one CLS rule: a task prepends a CLS token exactly when the model reads it out
+  (`config.model.readout == "cls"`); every other readout sees the bare sequence."""
+  model = config.get("model") or {}
+  return model.get("readout", "cls") == "cls"
+
+
 def default_cache_dir() -> str:
   """Where generated data is cached: $LUNA_JAX_CACHE or ~/.cache/luna_jax."""
   return os.path.expanduser(os.environ.get("LUNA_JAX_CACHE", "~/.cache/luna_jax"))
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a file's bytes, cached per (path, size, mtime) under default_cache_dir() so a
+  large release file is hashed once."""
+  st = os.stat(path)
+  key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+  cache_path = os.path.join(default_cache_dir(), "digests.json")
+  try:
+    with open(cache_path) as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    cache = {}
+  if key not in cache:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    cache[key] = h.hexdigest()
+    try:
+      os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+      tmp = f"{cache_path}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        json.dump(cache, f)
+      os.replace(tmp, cache_path)
+    except OSError:
+      pass                     # a read-only cache only costs re-hashing next time
+  return cache[key]
+
+
+def official_provenance(paths: Sequence[Any], **extra: Any) -> dict[str, Any]:
+  """Provenance of data read from release files: each file's name and sha256 (remote files,
+  such as gs:// paths, are named without a hash)."""
+  files = {}
+  for p in map(str, paths):
+    files[os.path.basename(p)] = file_digest(p) if os.path.isfile(p) else f"not hashed: {p}"
+  return {"source": "official", "files": files, **extra}

@@ -36,8 +36,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from lra_tasks.common import DataError, TaskData
-from lra_tasks.text import open_tfds_build
+from lra_tasks.common import DataError, TaskData, uses_cls
+from lra_tasks.text import open_tfds_build, tfds_provenance
 
 TFDS_NAME = "cifar10"
 NUM_CLASSES = 10
@@ -58,12 +58,6 @@ def to_grayscale(image_HxWxC: np.ndarray) -> np.ndarray:
   return luma.astype(np.uint8)
 
 
-def _uses_cls(config: Any) -> bool:
-  """Whether the model reads out a CLS token (`config.model.readout`, default "cls")."""
-  model = config.get("model") or {}
-  return model.get("readout", "cls") == "cls"
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenizeImage(grain.transforms.Map):
   """TFDS CIFAR record -> {"inputs": int32[(cls) + H*W], "targets": int32[]}."""
@@ -78,7 +72,7 @@ class TokenizeImage(grain.transforms.Map):
 
 def load(config: Any) -> TaskData:
   """Loads grayscale CIFAR-10 from `config.data_dir` as 1024 pixel tokens (plus optional CLS)."""
-  cls = _uses_cls(config)
+  cls = uses_cls(config)
   builder = open_tfds_build(TFDS_NAME, None, config.get("data_dir"), _CIFAR_RECIPE,
                             ("train", "test"))
   shape = tuple(builder.info.features["image"].shape)
@@ -93,4 +87,5 @@ def load(config: Any) -> TaskData:
   splits = {name: grain.MapDataset.source(builder.as_data_source(split=tfds_split)).map(tokenize)
             for name, tfds_split in SPLITS.items()}
   return TaskData(name="image", splits=splits, vocab_size=CLS_ID + int(cls),
-                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=None)
+                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=None,
+                  provenance=tfds_provenance(builder))

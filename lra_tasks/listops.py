@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from lra_tasks.common import DataError, TaskData, default_cache_dir
+from lra_tasks.common import (DataError, TaskData, default_cache_dir, official_provenance,
+                              uses_cls)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -524,16 +525,30 @@ def cached_data_dir(s: GeneratorSettings) -> str:
 
 
 def load(config: Any) -> TaskData:
-  """ListOps splits from config.data_dir, or from the generator when data_dir is empty."""
-  data_dir = config.data_dir or cached_data_dir(_settings(config))
+  """ListOps splits from config.data_dir, or from the generator when data_dir is empty. Rows
+  start with CLS when the model reads it out (`uses_cls`), else with the first symbol."""
+  settings = _settings(config)
+  data_dir = config.data_dir or cached_data_dir(settings)
   if not os.path.isdir(data_dir):
     raise DataError(f"ListOps data folder {data_dir} not found. {_DOWNLOAD_HELP}")
+  cls = uses_cls(config)
   splits = {}
   for split, name in SPLIT_FILES.items():
-    inputs, targets = read_tsv(os.path.join(data_dir, name), config.seq_len, np.uint8)
+    # The reader writes CLS first; without CLS read one column more and drop it.
+    inputs, targets = read_tsv(os.path.join(data_dir, name), config.seq_len + (not cls),
+                               np.uint8)
+    if not cls:
+      inputs = np.ascontiguousarray(inputs[:, 1:])
     splits[split] = grain.MapDataset.source(_Records(inputs, targets))
+  if config.data_dir:
+    provenance = official_provenance([os.path.join(data_dir, n) for n in SPLIT_FILES.values()])
+  else:
+    provenance = {"source": "generated", "generator": "lra_tasks.listops",
+                  "generator_version": _GENERATOR_VERSION,
+                  "settings": dataclasses.asdict(settings)}
   return TaskData(name="listops", splits=splits, vocab_size=VOCAB_SIZE,
-                  num_classes=NUM_CLASSES, seq_len=config.seq_len, pad_id=PAD_ID)
+                  num_classes=NUM_CLASSES, seq_len=config.seq_len, pad_id=PAD_ID,
+                  provenance=provenance)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -44,7 +44,8 @@ import numpy as np
 from PIL import Image
 
 from lra_tasks import pathfinder_generator
-from lra_tasks.common import DataError, TaskData, default_cache_dir
+from lra_tasks.common import (DataError, TaskData, default_cache_dir, official_provenance,
+                              uses_cls)
 
 NUM_CLASSES = 2
 CLS_ID = 256
@@ -347,7 +348,7 @@ def load(config: Any) -> TaskData:
   resolution = int(pf.resolution)
   if resolution <= 0:
     raise ValueError(f"config.pathfinder.resolution must be positive, got {resolution}")
-  cls = config.model.readout == "cls"
+  cls = uses_cls(config)
   seq_len = expected_seq_len(resolution, cls)
   if config.seq_len != seq_len:
     raise DataError(
@@ -359,6 +360,12 @@ def load(config: Any) -> TaskData:
     data_dir = generated_data_dir(resolution, pf.difficulty, int(pf.num_images),
                                   int(pf.gen_seed))
   folder = find_folder(data_dir, resolution, pf.difficulty)
+  if config.data_dir:     # the metadata files list every image with its label
+    provenance = official_provenance(_metadata_files(folder))
+  else:
+    provenance = {"source": "generated", "generator": "lra_tasks.pathfinder_generator",
+                  "settings": {"resolution": resolution, "difficulty": pf.difficulty,
+                               "num_images": int(pf.num_images), "seed": int(pf.gen_seed)}}
   images = read_images(folder, resolution)
   kept = images.labels >= 0
   splits = {}
@@ -367,4 +374,4 @@ def load(config: Any) -> TaskData:
     splits[split] = grain.MapDataset.source(PixelRecords(images, rows, cls))
   return TaskData(name="pathx" if resolution == 128 else "pathfinder", splits=splits,
                   vocab_size=PIXEL_VOCAB + int(cls), num_classes=NUM_CLASSES, seq_len=seq_len,
-                  pad_id=None)
+                  pad_id=None, provenance=provenance)

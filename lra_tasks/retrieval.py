@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from lra_tasks import bytes as byte_tokens
-from lra_tasks.common import DataError, TaskData
+from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
 
 FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
          "test": "new_aan_pairs.test.tsv"}
@@ -123,12 +123,6 @@ def find_release_dir(data_dir: str | epath.PathLike) -> epath.Path:
       "folder.")
 
 
-def _uses_cls(config: Any) -> bool:
-  """Whether the model reads out a CLS token (`config.model.readout`, default "cls")."""
-  model = config.get("model") or {}
-  return model.get("readout", "cls") == "cls"
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenizePair(grain.transforms.Map):
   """DocumentPairs record -> {"inputs": int32[2, seq_len], "targets": int32[]}."""
@@ -144,7 +138,7 @@ class TokenizePair(grain.transforms.Map):
 
 def load(config: Any) -> TaskData:
   """Loads the AAN pairs from `config.data_dir`, each document as `config.seq_len` byte tokens."""
-  cls = _uses_cls(config)
+  cls = uses_cls(config)
   eos = bool(config.get("append_eos", cls))
   seq_len = int(config.seq_len)
   max_doc_bytes = byte_tokens.max_bytes(seq_len, cls=cls, eos=eos)
@@ -157,4 +151,5 @@ def load(config: Any) -> TaskData:
             for split, name in FILES.items()}
   return TaskData(name="retrieval", splits=splits,
                   vocab_size=byte_tokens.vocab_size(cls=cls, eos=eos), num_classes=NUM_CLASSES,
-                  seq_len=seq_len, pad_id=byte_tokens.PAD_ID, num_docs=2)
+                  seq_len=seq_len, pad_id=byte_tokens.PAD_ID, num_docs=2,
+                  provenance=official_provenance([folder / n for n in FILES.values()]))

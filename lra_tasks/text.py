@@ -37,7 +37,7 @@ import grain
 import numpy as np
 
 from lra_tasks import bytes as byte_tokens
-from lra_tasks.common import DataError, TaskData
+from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
 
 TFDS_NAME = "imdb_reviews"
 TFDS_CONFIG = "plain_text"
@@ -106,10 +106,10 @@ def open_tfds_build(name: str, config_name: str | None, data_dir: str | None,
   return builder
 
 
-def _uses_cls(config: Any) -> bool:
-  """Whether the model reads out a CLS token (`config.model.readout`, default "cls")."""
-  model = config.get("model") or {}
-  return model.get("readout", "cls") == "cls"
+def tfds_provenance(builder: Any) -> dict[str, Any]:
+  """Provenance of a prepared TFDS dataset: name, version and its dataset_info.json's sha256."""
+  info = os.path.join(str(builder.data_dir), "dataset_info.json")
+  return official_provenance([info], tfds=builder.info.full_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ class TokenizeText(grain.transforms.Map):
 
 def load(config: Any) -> TaskData:
   """Loads IMDB from `config.data_dir` as byte-level records of length `config.seq_len`."""
-  cls = _uses_cls(config)
+  cls = uses_cls(config)
   eos = bool(config.get("append_eos", cls))
   seq_len = int(config.seq_len)
   byte_tokens.max_bytes(seq_len, cls=cls, eos=eos)  # Fails early if seq_len is too short.
@@ -138,4 +138,5 @@ def load(config: Any) -> TaskData:
   test = grain.MapDataset.source(builder.as_data_source(split="test")).map(tokenize)
   return TaskData(name="text", splits={"train": train, "validation": test, "test": test},
                   vocab_size=byte_tokens.vocab_size(cls=cls, eos=eos),
-                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=byte_tokens.PAD_ID)
+                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=byte_tokens.PAD_ID,
+                  provenance=tfds_provenance(builder))

@@ -5,6 +5,11 @@ Luna follows the official `LunaSentenceEncoder` for LRA (see ../shared/reference
 learned positions (pads get none), a learned P [l, D], dynamic projection (slot j of example b is
 masked when j >= number of real tokens of b), separate embedding LayerNorms for x and P, post-LN
 layers, CLS or mean readout, Dense -> ReLU -> Dense(no bias) head.
+
+Readouts (`readout`): "cls" reads position 0, where the task put a CLS token; "first" reads
+position 0 of a sequence without CLS (the LRA Retrieval code); "mean" averages over the real
+tokens; "mean_padded" sums the real tokens' outputs and divides by the padded length N (the
+Nystromformer LRA code: outputs zeroed at pads, then a mean over all positions).
 """
 from __future__ import annotations
 
@@ -49,15 +54,32 @@ class ModelConfig:
   block: str = "post_ln"               # non-Luna blocks: "post_ln" or "pre_ln" (LRA reference)
   positions: str = "learned"           # "learned" or "sinusoidal"
   embedding: str = "tokens"            # "tokens" or "linear" (pixel value / 255 through a Dense)
-  readout: str = "cls"                 # "cls" (position 0) or "mean" (over real tokens)
+  readout: str = "cls"                 # cls | first | mean | mean_padded (module docstring)
   classifier_dim: int = 256
-  retrieval_combine: str = "luna"      # "luna": [doc2, doc1]; "interact": [u, v, u*v, u-v]
+  classifier_layers: int = 1           # hidden layers of the head: widths C, C/2, ...
+  classifier_bias: bool = False        # bias on the head's last Dense (Luna: none)
+  retrieval_combine: str = "luna"      # luna: [doc2, doc1]; concat: [u, v];
+                                       # interact: [u, v, u*v, u-v]
+  qkv_dim: int = 0                     # attention width (all heads); 0 -> emb_dim
+  qkv_bias: bool = False               # biases on the non-Luna q/k/v/out projections
   dtype: str = "float32"               # compute dtype; params and softmax stay float32
   remat: bool = False
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, model: Any, **task_facts: Any) -> "ModelConfig":
+    """`config.model` plus the task's facts (vocab_size, num_classes, max_len, pad_id,
+    num_docs). Fields of `config.model` that are not model fields (init, redraw_every, the
+    mechanism option groups) are left out; the chosen mechanism's group becomes
+    `attention_kwargs`."""
+    m = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    names = {f.name for f in dataclasses.fields(cls)} - {"attention_kwargs"}
+    kwargs = {k: v for k, v in m.items() if k in names and k not in task_facts}
+    options = m.get(m.get("attention", "luna")) or {}
+    return cls(**kwargs, **task_facts, attention_kwargs=tuple(sorted(options.items())))
 
 
 def torch_linear(features: int, fan_in: int, name: str, use_bias: bool = True,
@@ -98,7 +120,7 @@ class LunaEncoderLayer(nn.Module):
     cfg = self.cfg
     attn = get_attention("luna")(
         num_heads=cfg.num_heads, num_pack_heads=cfg.num_pack_heads, tie_kv=cfg.tie_kv,
-        dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype,
+        dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype, qkv_dim=cfg.qkv_dim,
         **dict(cfg.attention_kwargs), name="self_attn")
     drop = nn.Dropout(cfg.dropout)
     y_BxNxD, yp_BxLxD = attn(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic=deterministic)
@@ -120,7 +142,8 @@ class EncoderLayer(nn.Module):
     cfg = self.cfg
     attn = get_attention(cfg.attention)(
         num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype,
-        **dict(cfg.attention_kwargs), name="self_attn")
+        qkv_dim=cfg.qkv_dim, use_bias=cfg.qkv_bias, **dict(cfg.attention_kwargs),
+        name="self_attn")
     ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
     drop = nn.Dropout(cfg.dropout)
     if cfg.block == "pre_ln":
@@ -169,7 +192,9 @@ class Encoder(nn.Module):
                          name="embed_tokens")(tokens_BxN)
     positions_BxN = jnp.cumsum(mask_BxN, axis=1) * mask_BxN
     if cfg.positions == "learned":
-      pos_BxNxD = nn.Embed(cfg.max_len + 1, d, embedding_init=nn.initializers.normal(d**-0.5),
+      # Luna: N(0, D**-0.5) (fairseq); the LRA reference's AddPositionEmbs: N(0, 0.02).
+      pos_std = d**-0.5 if is_luna else 0.02
+      pos_BxNxD = nn.Embed(cfg.max_len + 1, d, embedding_init=nn.initializers.normal(pos_std),
                            name="embed_positions")(positions_BxN)
     else:
       pos_BxNxD = jnp.asarray(sinusoidal_table(cfg.max_len + 1, d))[positions_BxN]
@@ -203,12 +228,22 @@ class Encoder(nn.Module):
     if not is_luna and cfg.block == "pre_ln":
       x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD)
 
-    if cfg.readout == "cls":
-      return x_BxNxD[:, 0]
-    if cfg.readout == "mean":
-      m = mask_BxN[..., None].astype(x_BxNxD.dtype)
-      return (x_BxNxD * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
-    raise ValueError(f"config.model.readout={cfg.readout!r}; expected 'cls' or 'mean'")
+    return readout(x_BxNxD, mask_BxN, cfg.readout)
+
+
+READOUTS = ("cls", "first", "mean", "mean_padded")
+
+
+def readout(x_BxNxD: Array, mask_BxN: Array, kind: str) -> Array:
+  """Pooled features [B, D] (see the module docstring for the kinds)."""
+  if kind in ("cls", "first"):
+    return x_BxNxD[:, 0]
+  m_BxNx1 = mask_BxN[..., None].astype(x_BxNxD.dtype)
+  if kind == "mean":
+    return (x_BxNxD * m_BxNx1).sum(axis=1) / jnp.maximum(m_BxNx1.sum(axis=1), 1.0)
+  if kind == "mean_padded":
+    return (x_BxNxD * m_BxNx1).mean(axis=1)
+  raise ValueError(f"config.model.readout={kind!r}; expected one of {READOUTS}")
 
 
 class Classifier(nn.Module):
@@ -226,16 +261,21 @@ class Classifier(nn.Module):
       u_BxD, v_BxD = feats[:, 0], feats[:, 1]
       if cfg.retrieval_combine == "luna":
         h = jnp.concatenate([v_BxD, u_BxD], axis=-1)
+      elif cfg.retrieval_combine == "concat":
+        h = jnp.concatenate([u_BxD, v_BxD], axis=-1)
       elif cfg.retrieval_combine == "interact":
         h = jnp.concatenate([u_BxD, v_BxD, u_BxD * v_BxD, u_BxD - v_BxD], axis=-1)
       else:
         raise ValueError(f"config.model.retrieval_combine={cfg.retrieval_combine!r}; "
-                         "expected 'luna' or 'interact'")
+                         "expected 'luna', 'concat' or 'interact'")
     else:
       h = encoder(inputs, deterministic)
     h = h.astype(jnp.float32)
-    h = nn.relu(torch_linear(cfg.classifier_dim, h.shape[-1], "classifier_hidden")(h))
-    return torch_linear(cfg.num_classes, cfg.classifier_dim, "classifier_out", use_bias=False)(h)
+    for i in range(cfg.classifier_layers):
+      name = "classifier_hidden" if i == 0 else f"classifier_hidden_{i}"
+      h = nn.relu(torch_linear(cfg.classifier_dim // 2**i, h.shape[-1], name)(h))
+    return torch_linear(cfg.num_classes, h.shape[-1], "classifier_out",
+                        use_bias=cfg.classifier_bias)(h)
 
 
 def bert_init(params: Any, key: Array) -> Any:
@@ -252,6 +292,28 @@ def bert_init(params: Any, key: Array) -> Any:
       leaf = jnp.zeros_like(leaf)
     out[path] = leaf
   return traverse_util.unflatten_dict(out)
+
+
+def torch_init(params: Any, key: Array) -> Any:
+  """PyTorch defaults as the Nystromformer LRA code has them: every Dense weight and bias
+  U(+-1/sqrt(fan_in)) (nn.Linear), every embedding table N(0, 0.02). LayerNorms, Luna's P and
+  mechanism-specific parameters keep their init."""
+  flat = traverse_util.flatten_dict(params)
+  keys = jax.random.split(key, len(flat))
+  fan_in = {path[:-1]: leaf.shape[0] for path, leaf in flat.items()
+            if path[-1] == "kernel" and leaf.ndim == 2}
+  out = {}
+  for (path, leaf), k in zip(flat.items(), keys):
+    if path[-1] == "embedding":
+      leaf = 0.02 * jax.random.normal(k, leaf.shape, leaf.dtype)
+    elif path[-1] in ("kernel", "bias") and path[:-1] in fan_in:
+      bound = fan_in[path[:-1]]**-0.5
+      leaf = jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound)
+    out[path] = leaf
+  return traverse_util.unflatten_dict(out)
+
+
+INITS = {"default": None, "bert": bert_init, "torch": torch_init}
 
 
 def count_params(params: Any) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import signal
 import threading
 import time
@@ -50,20 +51,10 @@ class NonFiniteLossError(FloatingPointError):
 def model_config(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
                  ) -> models.ModelConfig:
   """The static model description from `config.model` and the loaded task."""
-  m = config.model
-  kwargs = m.get(m.attention, ml_collections.ConfigDict()).to_dict()
-  return models.ModelConfig(
-      vocab_size=task.vocab_size, num_classes=task.num_classes,
-      max_len=m.get("max_len", 0) or config.seq_len, pad_id=task.pad_id,
-      num_docs=task.num_docs, attention=m.attention,
-      attention_kwargs=tuple(sorted(kwargs.items())), proj_len=m.proj_len,
-      num_layers=m.num_layers, emb_dim=m.emb_dim, num_heads=m.num_heads,
-      num_pack_heads=m.num_pack_heads, mlp_dim=m.mlp_dim, tie_kv=m.tie_kv,
-      tie_layer_weights=m.tie_layer_weights, dynamic_projection=m.dynamic_projection,
-      dropout=m.dropout, attention_dropout=m.attention_dropout,
-      activation_dropout=m.activation_dropout, block=m.block, positions=m.positions,
-      embedding=m.embedding, readout=m.readout, classifier_dim=m.classifier_dim,
-      retrieval_combine=m.retrieval_combine, dtype=m.dtype, remat=m.remat)
+  return models.ModelConfig.from_config(
+      config.model, vocab_size=task.vocab_size, num_classes=task.num_classes,
+      max_len=config.model.get("max_len", 0) or config.seq_len, pad_id=task.pad_id,
+      num_docs=task.num_docs)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -88,23 +79,51 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field, h in heads:
     if h <= 0 or m.emb_dim % h:
       raise ValueError(f"config.model.emb_dim={m.emb_dim} is not divisible by {field}={h}")
-  for field in ("readout", "block", "positions", "embedding", "init", "dtype"):
-    allowed = {"readout": ("cls", "mean"), "block": ("post_ln", "pre_ln"),
-               "positions": ("learned", "sinusoidal"), "embedding": ("tokens", "linear"),
-               "init": ("default", "bert"), "dtype": ("float32", "bfloat16")}[field]
+  if m.attention == "luna" and m.get("qkv_dim", 0) not in (0, m.emb_dim):
+    raise ValueError(f"config.model.qkv_dim={m.qkv_dim} must be 0 or emb_dim={m.emb_dim} for "
+                     "luna (its packed context has no output projection)")
+  qkv = m.get("qkv_dim", 0) or m.emb_dim
+  if qkv % m.num_heads:
+    raise ValueError(f"config.model.qkv_dim={qkv} is not divisible by "
+                     f"config.model.num_heads={m.num_heads}")
+  allowed_values = {"readout": models.READOUTS, "block": ("post_ln", "pre_ln"),
+                    "positions": ("learned", "sinusoidal"), "embedding": ("tokens", "linear"),
+                    "init": tuple(models.INITS), "dtype": ("float32", "bfloat16"),
+                    "retrieval_combine": ("luna", "concat", "interact")}
+  for field, allowed in allowed_values.items():
     if m[field] not in allowed:
       raise ValueError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
-  if config.schedule not in ("inverse_sqrt", "rsqrt_lra", "cosine"):
-    raise ValueError(f"config.schedule={config.schedule!r}; expected inverse_sqrt, "
-                     "rsqrt_lra or cosine")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
   if config.num_train_steps <= 0 or config.eval_every <= 0:
     raise ValueError("config.num_train_steps and config.eval_every must be positive")
+
+
+SCHEDULES = ("inverse_sqrt", "rsqrt_lra", "cosine", "one_cycle")
+
+
+def _one_cycle(config: ml_collections.ConfigDict, start: float, peak: float, end: float
+               ) -> optax.Schedule:
+  """torch OneCycleLR's linear two-phase shape: start -> peak over steps [0, warmup - 1], then
+  peak -> end over [warmup - 1, num_train_steps - 1] (step = number of updates done)."""
+  end1 = max(float(config.warmup_steps) - 1.0, 1e-9)
+  end2 = max(float(config.num_train_steps) - 1.0, end1 + 1e-9)
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32)
+    up = start + (peak - start) * s / end1
+    down = peak + (end - peak) * (s - end1) / (end2 - end1)
+    return jnp.where(s <= end1, up, down)
+  return schedule
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """inverse_sqrt: fairseq's linear warmup from warmup_init_lr, then lr * sqrt(warmup / step).
   rsqrt_lra: the LRA reference base * min(1, step/warmup) / sqrt(max(step, warmup)).
-  cosine: linear warmup then cosine decay to 0."""
+  cosine: linear warmup then cosine decay to 0.
+  one_cycle: torch OneCycleLR (linear anneal) as the Nystromformer LRA code runs it: from
+  lr / div_factor up to lr at step warmup - 1, then down to lr / div_factor / final_div_factor
+  at the last step."""
   lr, warmup = config.learning_rate, max(config.warmup_steps, 1)
   if config.schedule == "inverse_sqrt":
     init = config.warmup_init_lr
@@ -117,12 +136,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if config.schedule == "rsqrt_lra":
     return lambda step: (lr * jnp.minimum(1.0, step / warmup)
                          / jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32), warmup)))
+  if config.schedule == "one_cycle":
+    oc = config.one_cycle
+    start = lr / oc.div_factor
+    return _one_cycle(config, start, lr, start / oc.final_div_factor)
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.num_train_steps)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  tx = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                   eps=config.adam_eps, weight_decay=config.weight_decay)
+  """AdamW with the configured schedule; one_cycle with `one_cycle.cycle_momentum` also cycles
+  Adam's beta1 inversely to the lr (max_momentum -> base_momentum -> max_momentum), as torch's
+  OneCycleLR does by default."""
+  lr = learning_rate_schedule(config)
+  if config.schedule == "one_cycle" and config.one_cycle.cycle_momentum:
+    oc = config.one_cycle
+    b1 = _one_cycle(config, oc.max_momentum, oc.base_momentum, oc.max_momentum)
+    tx = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr, b1=b1, b2=config.adam_b2, eps=config.adam_eps,
+        weight_decay=config.weight_decay)
+  else:
+    tx = optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                     weight_decay=config.weight_decay)
   if config.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
   return tx
@@ -139,8 +173,8 @@ def init_state(config: ml_collections.ConfigDict, cfg: models.ModelConfig, key: 
                ) -> TrainState:
   model = models.Classifier(cfg)
   params = model.init(key, dummy_inputs(cfg, config.seq_len))["params"]
-  if config.model.init == "bert":
-    params = models.bert_init(params, jax.random.fold_in(key, 1))
+  if (reinit := models.INITS[config.model.init]) is not None:
+    params = reinit(params, jax.random.fold_in(key, 1))
   return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config))
 
 
@@ -173,8 +207,10 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], key: jax.Array,
 
 def eval_step(params: Any, batch: dict[str, jnp.ndarray], key: jax.Array, step: jax.Array, *,
               apply_fn: Callable, redraw_every: int) -> dict[str, jnp.ndarray]:
-  """Sums of loss, correct predictions and real examples over a padded batch."""
-  rngs = {"features": step_rngs(key, step, redraw_every)["features"]}
+  """Sums of loss, correct predictions and real examples over a padded batch. `step` is the
+  number of updates that made `params`: the random features (Performer) are the draw of the
+  last of them, update step - 1, i.e. the features these parameters were trained with."""
+  rngs = {"features": step_rngs(key, jnp.maximum(step - 1, 0), redraw_every)["features"]}
   logits = apply_fn({"params": params}, batch["inputs"], deterministic=True, rngs=rngs)
   w = batch["weights"]
   return {"loss": (cross_entropy(logits, batch["targets"]) * w).sum(),
@@ -219,6 +255,20 @@ class _StopFlag:
   def restore(self) -> None:
     for sig, old in self._old.items():
       signal.signal(sig, old)
+
+
+def machine_description() -> dict[str, Any]:
+  """What ran this: device kind and count, processes, CPU model, jax version."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  return {"device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+          "num_processes": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "jax": jax.__version__}
 
 
 def _peak_memory_bytes() -> int | None:
@@ -313,8 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
     sums = None
-    for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size,
-                                             config.eval_max_examples):
+    # eval_max_examples caps model selection only; the test split is always evaluated whole.
+    cap = config.eval_max_examples if split == "validation" else 0
+    for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size, cap):
       batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
       batch["class_counts"] *= batch["weights"][:, None]
       out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
@@ -401,7 +452,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "task": config.task, "attention": cfg.attention, "proj_len": cfg.proj_len,
       "seed": config.seed, "num_params": num_params, "step": step,
       "num_train_steps": config.num_train_steps, "finished": stopped_by is None,
-      "best_val_accuracy": best_val, "best_step": best_step}
+      "best_val_accuracy": best_val, "best_step": best_step,
+      "protocol": config.get("protocol", "custom"), "data": dict(task.provenance),
+      "dtype": cfg.dtype, "machine": machine_description()}
   if stopped_by is None:
     if best_step >= 0 and best_mngr.latest_step() is not None:
       params_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -1,30 +1,28 @@
 """Cheap linear attention (de Brebisson & Vincent 2016): content attention without the softmax.
 
-Per head, with scores q_i . k_j / sqrt(dh) as in softmax attention but no softmax:
+Removing the softmax from content attention turns a lookup into a product with a fixed-size
+summary: r = H^T (H q) = C q with C = sum_i h_i h_i^T. C is built once in O(n k^2), streams as
+C_t = C_{t-1} + h_t h_t^T, and each lookup costs O(k^2) whatever n is. Two forms, per head:
 
-  out_i = (q_i / sqrt(dh))^T C,   C = sum_j k_j v_j^T / n      ([dh, dh] per head)
+* `form="transformer"` (default; the natural generalisation inside a Transformer layer):
+    out_i = (q_i / sqrt(dh))^T C,   C = sum_j k_j v_j^T / n      ([dh, dh])
+  with separate key and value projections; the "attention weight" of key j for query i is the
+  softmax-attention logit itself. `normalization="length"` (its default) divides by n, the number
+  of real keys (causal: the real keys up to and including i; 1 if none), keeping the output an
+  average whose size does not grow with the length.
+* `form="paper"` (the paper's mechanism): one projection h_j = W_h x_j serves as key and value,
+  C = sum_j h_j h_j^T is symmetric, and out_i = q_i^T C = C q_i, with no scaling and no
+  normaliser (its default normalization is "none").
 
-C is a fixed-size summary of the whole sequence (`summary`), built once in O(n dh^2); each lookup
-costs O(dh^2) whatever n is, and C streams as C_t = C_{t-1} + k_t v_t^T. Padded keys are zeroed.
-
-Choices (the paper leaves them open for a Transformer layer):
-* Scale: queries are scaled by dh**-0.5, so the "attention weight" of key j for query i is the
-  softmax-attention logit itself.
-* `normalization="length"`: divide by n, the number of real keys (causal: the number of real keys
-  up to and including position i; 1 if there is none). Keeps the output an average, whose size
-  does not grow with the sequence length. `"none"`: the raw sum, as in the paper.
-* `gated=True`: each key-side state is modulated by a learned sigmoid gate before the outer
-  product, k_i -> sigmoid(W_g x_i + b_g) * k_i with W_g [D, D] (xavier init, no dependence on
-  other tokens) and b_g [D] (zero init). The paper's family gates each state before it enters
-  the summary (h_i -> sigmoid(W_g h_i + b_g) * h_i); its exact form is not available. Here the
-  state that enters C is the key, and the gate is computed from the token x_i, so the model can
-  choose per token and channel how much of the token is written into the fixed-size summary
-  (queries and values are not gated).
-* `dropout_rate` is unused: no attention matrix is ever formed.
+`normalization="auto"` picks the form's default; "length" or "none" force one.
+`gated=True`: each key-side state is modulated by a learned sigmoid gate before it enters C,
+s_j -> sigmoid(W_g x_j + b_g) * s_j (W_g xavier, b_g zero init), computed from the token x_j, so
+the model chooses per token and channel how much of it is written into the summary. The paper
+describes gated variants of this kind but its exact gate is not available; this is our form. In
+the transformer form the gate acts on the keys; in the paper form on h (both sides of the outer
+product, so C stays symmetric). Padded keys are zeroed. No attention matrix is ever formed.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,39 +33,50 @@ from luna_jax.attention import linear_common
 
 Array = jax.Array
 State = dict[str, Array]
-NORMALIZATIONS = ("length", "none")
+FORMS = ("transformer", "paper")
+NORMALIZATIONS = ("auto", "length", "none")
 
 
 class CheapLinearAttention(linear_common.LinearAttention):
-  """out = Q (K^T V) per head, optionally divided by the number of real keys and key-gated."""
-  num_heads: int
-  dropout_rate: float = 0.0   # unused (no attention matrix)
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-  causal: bool = False
-  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
-  normalization: str = "length"
+  """out = Q (K^T V) per head (transformer form) or C q with C = sum h h^T (paper form)."""
+  form: str = "transformer"
+  normalization: str = "auto"
   gated: bool = False
+
+  def _normalization(self) -> str:
+    if self.form not in FORMS:
+      raise ValueError(f"form={self.form!r}; valid: {FORMS}")
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(f"normalization={self.normalization!r}; valid: {NORMALIZATIONS}")
+    if self.normalization == "auto":
+      return "length" if self.form == "transformer" else "none"
+    return self.normalization
+
+  def _gate(self, x_BxNxD: Array, width: int) -> Array:
+    """sigmoid(W_g x + b_g) split into heads: [B, N, H, width / H]."""
+    g = self._project(width, "gate", use_bias=True, zero_bias=True, fan_in=x_BxNxD.shape[-1])
+    return common.split_heads(jax.nn.sigmoid(g(x_BxNxD)), self.num_heads)
 
   @nn.compact
   def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
                state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
     """Projections, features and attention; one recurrent step when `state` is given."""
-    if self.normalization not in NORMALIZATIONS:
-      raise ValueError(f"normalization={self.normalization!r}; valid: {NORMALIZATIONS}")
+    normalization = self._normalization()
     d = x_BxNxD.shape[-1]
-
-    def proj(name, **kw):
-      kw = {"use_bias": self.use_bias, "gain": 1.0, "fan_in": d, "dtype": self.dtype, **kw}
-      return common.projection(d, name, **kw)
-
-    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
-        for name in ("query", "key", "value"))
-    if self.gated:
-      gate_BxNxD = jax.nn.sigmoid(proj("gate", use_bias=True, zero_bias=True)(x_BxNxD))
-      k_BxNxHxK = k_BxNxHxK * common.split_heads(gate_BxNxD, self.num_heads)
-    q_BxNxHxK = q_BxNxHxK * q_BxNxHxK.shape[-1]**-0.5
+    e = self.qkv_dim or d
+    if self.form == "paper":
+      q_BxNxHxK = common.split_heads(self._project(e, "query", fan_in=d)(x_BxNxD),
+                                     self.num_heads)
+      h_BxNxHxK = common.split_heads(self._project(e, "state", fan_in=d)(x_BxNxD),
+                                     self.num_heads)
+      if self.gated:
+        h_BxNxHxK = h_BxNxHxK * self._gate(x_BxNxD, e)
+      k_BxNxHxK = v_BxNxHxK = h_BxNxHxK
+    else:
+      q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
+      if self.gated:
+        k_BxNxHxK = k_BxNxHxK * self._gate(x_BxNxD, e)
+      q_BxNxHxK = q_BxNxHxK * q_BxNxHxK.shape[-1]**-0.5
     o_BxNxHxK, new_state = linear_common.attend(
         q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=0.0, mode="none")
@@ -81,32 +90,39 @@ class CheapLinearAttention(linear_common.LinearAttention):
       count_BxN = jnp.cumsum(real_BxN, axis=1)
     else:
       count_BxN = jnp.broadcast_to(real_BxN.sum(axis=1, keepdims=True), real_BxN.shape)
-    if self.normalization == "length":
+    if normalization == "length":
       o_BxNxHxK = o_BxNxHxK / jnp.maximum(count_BxN, 1.0)[:, :, None, None]
 
     if state is None:
-      scale_BxN = (1.0 / jnp.maximum(count_BxN, 1.0) if self.normalization == "length" else None)
+      scale_BxN = 1.0 / jnp.maximum(count_BxN, 1.0) if normalization == "length" else None
       linear_common.sow_attention_map(self, q_BxNxHxK, k_BxNxHxK, mask_BxN,
                                       is_causal=self.causal, eps=0.0, mode="none",
                                       row_scale_BxN=scale_BxN)
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = self._out(o_BxNxHxK, d)
     return y_BxNxD, new_state, (q_BxNxHxK, k_BxNxHxK, v_BxNxHxK)
 
   def summary(self, x_BxNxD: Array, mask_BxN: Array | None = None) -> Array:
-    """The fixed-size summary C = K^T V (/ n with "length"), [B, H, dh, dh]."""
+    """The fixed-size summary C = K^T V (/ n with "length"), [B, H, dh, dh]; symmetric in the
+    paper form (K = V = H)."""
     _, k_BxNxHxK, v_BxNxHxK = self.features(x_BxNxD, mask_BxN)
     k_BxNxHxK = common.zero_masked(k_BxNxHxK.astype(jnp.float32), mask_BxN)
     c_BxHxKxK = jnp.einsum("bnhk,bnhj->bhkj", k_BxNxHxK, v_BxNxHxK.astype(jnp.float32))
-    if self.normalization == "length":
+    if self._normalization() == "length":
       n_B = (x_BxNxD.shape[1] * jnp.ones(x_BxNxD.shape[:1]) if mask_BxN is None
              else mask_BxN.sum(axis=1))
       c_BxHxKxK = c_BxHxKxK / jnp.maximum(n_B, 1.0)[:, None, None, None]
     return c_BxHxKxK
 
+  def lookup(self, c_BxHxKxK: Array, x_BxMxD: Array) -> Array:
+    """Outputs of M query tokens from a summary C (`summary`): O(M dh^2) per head, whatever
+    the length of the sequence C summarises. [B, M, D]."""
+    q_BxMxHxK = self.features(x_BxMxD)[0].astype(jnp.float32)
+    o_BxMxE = common.merge_heads(jnp.einsum("bmhk,bhkj->bmhj", q_BxMxHxK, c_BxHxKxK))
+    out = self.variables["params"]["out"]
+    return o_BxMxE @ out["kernel"] + (out["bias"] if "bias" in out else 0.0)
+
   def init_state(self, batch_size: int) -> State:
-    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
-    d = self.variables["params"]["query"]["kernel"].shape[0]
-    dh = d // self.num_heads
-    state = linear_common.zero_state(batch_size, self.num_heads, dh, dh)
+    """Empty recurrent state plus the count of real tokens seen."""
+    state = super().init_state(batch_size)
     state["count"] = jnp.zeros((batch_size,), jnp.float32)
     return state

@@ -16,13 +16,10 @@ Positions beyond M make the cos negative; the denominator floor eps keeps it fin
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from luna_jax.attention import common
 from luna_jax.attention import linear_common
 
 Array = jax.Array
@@ -38,12 +35,6 @@ def cos_features(x_BxNxHxK: Array, pos_BxN: Array, length_B: Array) -> Array:
 
 class CosformerAttention(linear_common.LinearAttention):
   """Linear attention with ReLU features and cos(pi/2 (i - j) / M) locality re-weighting."""
-  num_heads: int
-  dropout_rate: float = 0.0   # unused (no attention matrix)
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-  causal: bool = False
-  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
   max_len: int = 0            # M in causal mode and step; 0 -> padded length (causal only)
   eps: float = 1e-6
 
@@ -52,14 +43,7 @@ class CosformerAttention(linear_common.LinearAttention):
                state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
     """Projections, features and attention; one recurrent step when `state` is given."""
     b, n, d = x_BxNxD.shape
-
-    def proj(name):
-      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
-                               dtype=self.dtype)
-
-    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
-        for name in ("query", "key", "value"))
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
     if state is not None:
       if self.max_len <= 0:
         raise ValueError("CosformerAttention.step needs max_len > 0")
@@ -82,12 +66,14 @@ class CosformerAttention(linear_common.LinearAttention):
         chunk_size=self.chunk_size, eps=self.eps, mode="floor")
     if state is not None:
       new_state["t"] = state["t"] + 1.0
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = self._out(o_BxNxHxK, d)
     return y_BxNxD, new_state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
+  def _state_features(self, head_dim: int) -> int:
+    return 2 * head_dim
+
   def init_state(self, batch_size: int) -> State:
-    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
-    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
-    state = linear_common.zero_state(batch_size, self.num_heads, 2 * dh, dh)
+    """Empty recurrent state plus the position of the next token."""
+    state = super().init_state(batch_size)
     state["t"] = jnp.zeros((batch_size,), jnp.float32)   # position of the next token
     return state

@@ -27,8 +27,6 @@ and the kernel phi(x)^T phi(y) is positive definite. Choices:
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,12 +59,6 @@ def rms_factor(u_BxNxHxM: Array, mask_BxN: Array | None) -> Array:
 
 class LearnedKernelAttention(linear_common.LinearAttention):
   """Normalised linear attention with LUNA's learned positive feature map."""
-  num_heads: int
-  dropout_rate: float = 0.0   # unused (no attention matrix)
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-  causal: bool = False
-  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
   num_features: int = 32      # m
   num_outputs: int = 4        # L
   hidden: int = 64
@@ -83,15 +75,7 @@ class LearnedKernelAttention(linear_common.LinearAttention):
       raise ValueError(f"envelope={self.envelope!r}; valid: {ENVELOPES}")
     if self.rms_rescale and (self.causal or state is not None):
       raise ValueError("rms_rescale uses whole-batch statistics: not causal, no step")
-    d = x_BxNxD.shape[-1]
-
-    def proj(name):
-      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
-                               dtype=self.dtype)
-
-    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
-        for name in ("query", "key", "value"))
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
     dh, m, hid, l = q_BxNxHxK.shape[-1], self.num_features, self.hidden, self.num_outputs
     w_MxK = self.param("feature_proj", nn.initializers.normal(dh**-0.5), (m, dh), jnp.float32)
     b_M = self.param("feature_bias", nn.initializers.zeros, (m,), jnp.float32)
@@ -130,11 +114,8 @@ class LearnedKernelAttention(linear_common.LinearAttention):
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps")
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = self._out(o_BxNxHxK, x_BxNxD.shape[-1])
     return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
-  def init_state(self, batch_size: int) -> State:
-    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
-    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
-    return linear_common.zero_state(batch_size, self.num_heads,
-                                    self.num_features * self.num_outputs, dh)
+  def _state_features(self, head_dim: int) -> int:
+    return self.num_features * self.num_outputs

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from luna_jax.attention import common
+
 Array = jax.Array
 State = dict[str, Array]
 
@@ -281,8 +283,47 @@ def step(phi_q_BxHxF: Array, phi_k_BxHxF: Array, v_BxHxK: Array, state: State,
 
 
 class LinearAttention(nn.Module):
-  """The interface every linear mechanism shares. Subclasses define `_forward(x, mask, state)
-  -> (y, new_state, features)` (state None: the whole sequence) and `init_state`."""
+  """The interface and the parts every linear mechanism shares: the fields below, the q/k/v
+  projections to `qkv_dim` (0: the model width D) split into heads, and the output projection
+  back to D. Subclasses define `_forward(x, mask, state) -> (y, new_state, features)` (state
+  None: the whole sequence) and `_state_features(head_dim)` (the feature size of the state)."""
+  num_heads: int
+  dropout_rate: float = 0.0   # unused: no attention matrix is ever formed
+  dtype: Any = jnp.float32
+  use_bias: bool = False      # biases on the q/k/v/out projections
+  causal: bool = False
+  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
+  qkv_dim: int = 0            # width of q/k/v (all heads); 0 -> D
+
+  def _project(self, features: int, name: str, **kw) -> nn.Dense:
+    """A Dense of the family's init (xavier kernel, torch-default bias)."""
+    kw = {"use_bias": self.use_bias, "gain": 1.0, "dtype": self.dtype, **kw}
+    return common.projection(features, name, **kw)
+
+  def _qkv(self, x_BxNxD: Array) -> tuple[Array, Array, Array]:
+    """q, k, v [B, N, H, qkv_dim / H] in the compute dtype."""
+    d = x_BxNxD.shape[-1]
+    e = self.qkv_dim or d
+    return tuple(common.split_heads(self._project(e, name, fan_in=d)(x_BxNxD), self.num_heads)
+                 for name in ("query", "key", "value"))
+
+  def _out(self, o_BxNxHxK: Array, d: int) -> Array:
+    """Merges heads and projects back to the model width d."""
+    o_BxNxE = common.merge_heads(o_BxNxHxK.astype(self.dtype))
+    return self._project(d, "out", fan_in=o_BxNxE.shape[-1])(o_BxNxE)
+
+  def _head_dim(self) -> int:
+    """Head width of the bound module (read from its parameters)."""
+    return self.variables["params"]["query"]["kernel"].shape[1] // self.num_heads
+
+  def init_state(self, batch_size: int) -> State:
+    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads sizes from
+    params)."""
+    dh = self._head_dim()
+    return zero_state(batch_size, self.num_heads, self._state_features(dh), dh)
+
+  def _state_features(self, head_dim: int) -> int:
+    return head_dim
 
   def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
                p_mask_BxL: Array | None = None, *, deterministic: bool = True

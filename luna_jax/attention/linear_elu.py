@@ -8,13 +8,10 @@ over the real keys (causal: real keys j <= i). phi is applied to the raw per-hea
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from luna_jax.attention import common
 from luna_jax.attention import linear_common
 
 Array = jax.Array
@@ -23,27 +20,13 @@ State = dict[str, Array]
 
 class LinearEluAttention(linear_common.LinearAttention):
   """Normalised linear attention with the elu + 1 feature map."""
-  num_heads: int
-  dropout_rate: float = 0.0   # unused (no attention matrix)
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-  causal: bool = False
-  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
   eps: float = 1e-6
 
   @nn.compact
   def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
                state: State | None) -> tuple[Array, State | None, tuple[Array, ...]]:
     """Projections, features and attention; one recurrent step when `state` is given."""
-    d = x_BxNxD.shape[-1]
-
-    def proj(name):
-      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
-                               dtype=self.dtype)
-
-    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
-        for name in ("query", "key", "value"))
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
     phi_q_BxNxHxK = jax.nn.elu(q_BxNxHxK.astype(jnp.float32)) + 1.0
     phi_k_BxNxHxK = jax.nn.elu(k_BxNxHxK.astype(jnp.float32)) + 1.0
     if state is None:
@@ -52,10 +35,5 @@ class LinearEluAttention(linear_common.LinearAttention):
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps")
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = self._out(o_BxNxHxK, x_BxNxD.shape[-1])
     return y_BxNxD, state, (phi_q_BxNxHxK, phi_k_BxNxHxK, v_BxNxHxK)
-
-  def init_state(self, batch_size: int) -> State:
-    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
-    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
-    return linear_common.zero_state(batch_size, self.num_heads, dh, dh)

@@ -29,6 +29,7 @@ class LunaAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   use_flash: bool = False          # pack/unpack via jax.nn.dot_product_attention (cuDNN on GPU);
                                    # assumes prefix masks (right padding), no attention maps
+  qkv_dim: int = 0                 # must be 0 or D: the packed context has no output projection
 
   def _proj(self, name: str, d: int, gain: float) -> nn.Dense:
     return common.projection(d, name, dtype=self.dtype, gain=gain, fan_in=d,
@@ -41,6 +42,9 @@ class LunaAttention(nn.Module):
     if p_BxLxD is None:
       raise ValueError("LunaAttention needs the packed sequence p_BxLxD")
     d = x_BxNxD.shape[-1]
+    if self.qkv_dim not in (0, d):
+      raise ValueError(f"Luna needs qkv_dim == emb_dim ({d}), got {self.qkv_dim}: its packed "
+                       "context P' = P + Y_P has no output projection")
     h, hp = self.num_heads, self.num_pack_heads or self.num_heads
     g = 2.0**-0.5  # official gain of the q/k/v projections
 

@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from luna_jax.attention import common
 from luna_jax.attention import linear_common
 
 Array = jax.Array
@@ -72,12 +69,6 @@ class PerformerAttention(linear_common.LinearAttention):
 
   `features()` returns (phi(q) with its per-query stabiliser, key features, v); for the softmax
   kernel the key features are in the log domain (stabilised inside linear_common)."""
-  num_heads: int
-  dropout_rate: float = 0.0   # unused (no attention matrix)
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-  causal: bool = False
-  chunk_size: int = 64        # causal: <= 0 parallel [N, N] form, else chunked scan
   num_features: int = 256
   kernel: str = "softmax"
   redraw: bool = True
@@ -101,15 +92,7 @@ class PerformerAttention(linear_common.LinearAttention):
     """Projections, features and attention; one recurrent step when `state` is given."""
     if self.kernel not in KERNELS:
       raise ValueError(f"kernel={self.kernel!r}; valid: {KERNELS}")
-    d = x_BxNxD.shape[-1]
-
-    def proj(name):
-      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
-                               dtype=self.dtype)
-
-    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
-        for name in ("query", "key", "value"))
+    q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
     q_BxNxHxK = q_BxNxHxK.astype(jnp.float32)
     k_BxNxHxK = k_BxNxHxK.astype(jnp.float32)
     if self.kernel == "relu":
@@ -138,11 +121,8 @@ class PerformerAttention(linear_common.LinearAttention):
     o_BxNxHxK, state = linear_common.attend(
         phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
         chunk_size=self.chunk_size, eps=self.eps, mode="eps", log_k=log_k)
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = self._out(o_BxNxHxK, x_BxNxD.shape[-1])
     return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 
-  def init_state(self, batch_size: int) -> State:
-    """Empty recurrent state; call via `apply(variables, B, method=...)` (reads D from params)."""
-    dh = self.variables["params"]["query"]["kernel"].shape[0] // self.num_heads
-    f = dh if self.kernel == "relu" else self.num_features
-    return linear_common.zero_state(batch_size, self.num_heads, f, dh)
+  def _state_features(self, head_dim: int) -> int:
+    return head_dim if self.kernel == "relu" else self.num_features

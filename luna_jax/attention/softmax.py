@@ -41,6 +41,7 @@ class SoftmaxAttention(nn.Module):
   use_bias: bool = False
   causal: bool = False
   implementation: str = "xla"
+  qkv_dim: int = 0             # width of q/k/v (all heads); 0 -> D
 
   @nn.compact
   def __call__(self, x_BxNxD: Array, mask_BxN: Array | None = None, p_BxLxD: Array | None = None,
@@ -49,13 +50,14 @@ class SoftmaxAttention(nn.Module):
     """Returns (y_BxNxD, None); `p_*` are ignored."""
     del p_BxLxD, p_mask_BxL
     b, n, d = x_BxNxD.shape
+    e = self.qkv_dim or d
 
-    def proj(name):
-      return common.projection(d, name, use_bias=self.use_bias, gain=1.0, fan_in=d,
+    def proj(name, features, fan_in):
+      return common.projection(features, name, use_bias=self.use_bias, gain=1.0, fan_in=fan_in,
                                dtype=self.dtype)
 
     q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (
-        common.split_heads(proj(name)(x_BxNxD), self.num_heads)
+        common.split_heads(proj(name, e, d)(x_BxNxD), self.num_heads)
         for name in ("query", "key", "value"))
     dropout_active = not deterministic and self.dropout_rate > 0.0
     impl = resolve_implementation(self.implementation, self.dtype, dropout_active)
@@ -84,5 +86,5 @@ class SoftmaxAttention(nn.Module):
       self.sow("intermediates", "attn_weights", w_BxHxNxN)    # only when inspecting
       w_BxHxNxN = nn.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
       o_BxNxHxK = jnp.einsum("bhqn,bnhk->bqhk", w_BxHxNxN.astype(self.dtype), v_BxNxHxK)
-    y_BxNxD = proj("out")(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
+    y_BxNxD = proj("out", d, e)(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, None

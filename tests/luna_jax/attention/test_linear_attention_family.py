@@ -27,6 +27,8 @@ X_PADDED_NOISE = np.where(MASK[..., None], X, 5.0 * np.random.default_rng(1).sta
 CONFIGS = [
     ("cheap_linear", {}),
     ("cheap_linear", {"normalization": "none", "gated": True}),
+    ("cheap_linear", {"form": "paper"}),
+    ("cheap_linear", {"form": "paper", "gated": True, "normalization": "length"}),
     ("linear_elu", {}),
     ("performer", {"num_features": 16}),
     ("performer", {"kernel": "relu"}),
@@ -95,7 +97,7 @@ def _explicit_reference(name, module, variables, x, mask, causal):
         a = kf @ phi_q[b, i, h]          # [number of real keys]
         num = a @ v[b, keep, h]
         if name == "cheap_linear":
-          out[b, i, h] = num / keep.sum() if module.normalization == "length" else num
+          out[b, i, h] = num / keep.sum() if module._normalization() == "length" else num
         elif name == "cosformer":
           out[b, i, h] = num / max(a.sum(), module.eps)
         else:
