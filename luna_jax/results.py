@@ -37,7 +37,8 @@ MECHANISM_ORDER = ("luna-16", "luna-128", "luna-256", "softmax", "linear_elu", "
 IGNORED_KEYS = ("seed", "data_dir", "eval_every", "log_every", "checkpoint_every",
                 "keep_checkpoints", "grain_workers")
 FAILED_FILE = "FAILED"
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
+METRICS_FILE, RESULTS_FILE = "metrics.jsonl", "results.json"
+RUN_FILES = ("config.json", METRICS_FILE, RESULTS_FILE)
 
 
 @dataclasses.dataclass
@@ -57,16 +58,30 @@ class Run:
   peak_memory_bytes: int | None
   config: dict[str, Any]           # flattened config.json
   message: str = ""
+  protocol: str = "unknown"        # luna_paper | lra_reference | small | quick | custom
+  data: dict[str, Any] = dataclasses.field(default_factory=dict)   # results.json "data"
+
+  @property
+  def data_label(self) -> str:
+    return data_label(self.data)
 
 
 @dataclasses.dataclass
 class Row:
-  """Finished seeds of one task x mechanism x variant."""
+  """Finished seeds of one protocol x data x task x mechanism x variant."""
   task: str
   mechanism: str
   variant: str
   runs: list[Run]
   selected: bool = False
+
+  @property
+  def protocol(self) -> str:
+    return self.runs[0].protocol
+
+  @property
+  def data_label(self) -> str:
+    return self.runs[0].data_label
 
   def _values(self, field: str) -> list[float]:
     return [getattr(r, field) for r in self.runs if getattr(r, field) is not None]
@@ -94,6 +109,15 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- reading
+
+def data_label(data: dict[str, Any]) -> str:
+  """"official", "generated: <generator> <settings>" or "unknown" (older runs)."""
+  source = data.get("source")
+  if source == "generated":
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(data.get("settings", {}).items()))
+    return f"generated: {data.get('generator', '?')} ({settings})"
+  return source or "unknown"
+
 
 def mechanism_name(attention: str, proj_len: int | None) -> str:
   return f"luna-{proj_len}" if attention == "luna" else attention
@@ -177,7 +201,8 @@ def load_run(workdir: str) -> Run:
       best_val_accuracy=results.get("best_val_accuracy"), num_params=params,
       steps_per_s=results.get("steps_per_s") or (statistics.median(speeds) if speeds else None),
       peak_memory_bytes=max(peaks) if peaks else None, config=_flatten(config),
-      message=message)
+      message=message, protocol=results.get("protocol") or config.get("protocol") or "unknown",
+      data=results.get("data") or {})
 
 
 def load_runs(roots: Iterable[str]) -> list[Run]:
@@ -185,6 +210,16 @@ def load_runs(roots: Iterable[str]) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------- aggregation
+
+PROTOCOL_ORDER = ("luna_paper", "lra_reference", "small", "custom", "quick", "unknown")
+PROTOCOL_TITLES = {
+    "luna_paper": "Luna paper recipes", "lra_reference": "LRA reference recipes",
+    "small": "small-model protocol (Nystromformer LRA code)",
+    "custom": "custom (recipe fields overridden; comparable with no published table)",
+    "quick": "quick runs (small generated data; comparable with no published number)",
+    "unknown": "runs without a recorded protocol (older code)"}
+GENERATED_MARK = "†"
+
 
 def _sort_key(mechanism: str) -> tuple[int, str]:
   order = MECHANISM_ORDER.index(mechanism) if mechanism in MECHANISM_ORDER else 99
@@ -195,16 +230,29 @@ def _task_key(task: str) -> tuple[int, str]:
   return (TASKS6.index(task) if task in TASKS6 else 99), task
 
 
+def _group_key(protocol: str, data: str) -> tuple[int, int, str, str]:
+  order = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else 99
+  return order, data != "official", protocol, data
+
+
+Group = tuple[str, str]    # (protocol, data label): runs of one group may share a table
+
+
 def aggregate(runs: Iterable[Run]) -> list[Row]:
-  """Rows of finished runs per task x mechanism x variant; the best-validation variant of each
-  task x mechanism is marked `selected`."""
-  groups: dict[tuple[str, str], list[Run]] = {}
+  """Rows of finished runs per protocol x data x task x mechanism x variant; the
+  best-validation variant of each (protocol, data, task, mechanism) is marked `selected`.
+  Runs of different protocols or data never share a row."""
+  groups: dict[tuple[str, str, str, str], list[Run]] = {}
   for r in runs:
     if r.status == "finished":
-      groups.setdefault((r.task, r.mechanism), []).append(r)
+      groups.setdefault((r.protocol, r.data_label, r.task, r.mechanism), []).append(r)
+
+  def order(kv):
+    (protocol, data, task, mech), _ = kv
+    return _group_key(protocol, data), _task_key(task), _sort_key(mech)
+
   rows = []
-  for (task, mech), group in sorted(groups.items(),
-                                    key=lambda kv: (_task_key(kv[0][0]), _sort_key(kv[0][1]))):
+  for (_, _, task, mech), group in sorted(groups.items(), key=order):
     keys = sorted({k for r in group for k in r.config} - set(IGNORED_KEYS))
     differing = [k for k in keys
                  if len({json.dumps(r.config.get(k), sort_keys=True) for r in group}) > 1]
@@ -219,11 +267,22 @@ def aggregate(runs: Iterable[Run]) -> list[Row]:
   return rows
 
 
-def selected_table(rows: Iterable[Row]) -> dict[str, dict[str, Row]]:
-  """mechanism -> task -> the selected row, mechanisms in display order."""
+def groups_of(rows: Iterable[Row]) -> list[Group]:
+  """The (protocol, data) groups present, in display order."""
+  return sorted({(r.protocol, r.data_label) for r in rows}, key=lambda g: _group_key(*g))
+
+
+def selected_table(rows: Iterable[Row], group: Group | None = None
+                   ) -> dict[str, dict[str, Row]]:
+  """mechanism -> task -> the selected row of one (protocol, data) group (default: the first
+  group), mechanisms in display order."""
+  rows = list(rows)
+  if group is None:
+    present = groups_of(rows)
+    group = present[0] if present else ("", "")
   table: dict[str, dict[str, Row]] = {}
   for row in rows:
-    if row.selected:
+    if row.selected and (row.protocol, row.data_label) == group:
       table.setdefault(row.mechanism, {})[row.task] = row
   return {m: table[m] for m in sorted(table, key=_sort_key)}
 
@@ -257,7 +316,8 @@ def _cell(row: Row | None) -> str:
   if row is None or not row.test:
     return "—"
   std = f" ± {row.std:.2f}" if row.std is not None else ""
-  return f"{row.mean:.2f}{std} (n={len(row.test)})"
+  mark = GENERATED_MARK if row.data_label.startswith("generated") else ""
+  return f"{row.mean:.2f}{std}{mark} (n={len(row.test)})"
 
 
 def _md_table(header: list[str], lines: list[list[str]]) -> list[str]:
@@ -269,12 +329,22 @@ def _published_cell(v: float | str | None) -> str:
   return "—" if v is None else (v if isinstance(v, str) else f"{v:.2f}")
 
 
-def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) -> str:
-  """The results report."""
-  table = selected_table(rows)
-  tasks = sorted({r.task for r in rows} | set(TASKS5), key=_task_key)
+def _group_title(group: Group) -> str:
+  protocol, data = group
+  title = PROTOCOL_TITLES.get(protocol, protocol)
+  if data.startswith("generated"):
+    return f"{title} · data {data} {GENERATED_MARK}"
+  return f"{title} · data: {data}"
+
+
+def _group_table(rows: list[Row], group: Group, with_published: bool) -> list[str]:
+  """One (protocol, data) table; with_published adds the published rows of the same
+  protocol, labelled with their source."""
+  table = selected_table(rows, group)
+  tasks = sorted({r.task for r in rows if (r.protocol, r.data_label) == group} | set(TASKS5),
+                 key=_task_key)
   extra = [t for t in tasks if t not in TASKS6]
-  has_pathx = any(r.task == "pathx" for r in rows)
+  has_pathx = any(r.task == "pathx" for r in rows if (r.protocol, r.data_label) == group)
   header = (["mechanism"] + [TASK_TITLES[t] for t in TASKS5] + ["Avg (5 tasks)"]
             + (["Path-X", "Avg (6 tasks)"] if has_pathx else []) + extra)
   lines = []
@@ -284,29 +354,67 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
     if has_pathx:
       line += [_cell(by_task.get("pathx")), _fmt(average(means, TASKS6))]
     lines.append(line + [_cell(by_task.get(t)) for t in extra])
+  notes = []
+  if with_published and group[0] in {s.protocol for s in pub.PUBLISHED}:
+    ours = {}
+    for (protocol, mech), refs in pub.COMPARABLE.items():
+      for ref in refs:
+        if protocol == group[0]:
+          ours[ref] = mech
+    for src, model, vals in pub.comparable_rows(group[0]):
+      line = [f"published: {model} [{src.name}]"]
+      line += [_published_cell(vals.get(t)) for t in TASKS5] + [_published_cell(vals.get("avg5"))]
+      if has_pathx:
+        line += [_published_cell(vals.get("pathx")), _published_cell(vals.get("avg6"))]
+      lines.append(line + ["—" for _ in extra])
+      if (src, model) in ours:
+        notes.append(f"`{ours[(src, model)]}` follows the model of published {model} "
+                     f"[{src.name}].")
+    notes += sorted({f"[{src.name}]: protocol `{src.protocol}`; {src.note}."
+                     for src, _, _ in pub.comparable_rows(group[0])})
+  out = _md_table(header, lines)
+  if group[1].startswith("generated"):
+    out += ["", f"{GENERATED_MARK} generated data ({group[1]}), not the LRA release."
+            + (" The published rows of this protocol were measured on the release."
+               if notes else "")]
+  return out + ([""] + [f"- {n}" for n in notes] if notes else [])
+
+
+def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) -> str:
+  """The results report: one table per (protocol, data) group."""
   out = ["# LRA results (measured)", "",
          "Test accuracy (%) of the best-validation checkpoint, mean ± sample std over seeds "
-         "(n = seeds). An average is shown only when all its tasks are present; the 5-task "
-         "average (without Path-X) and the 6-task average are not comparable.", ""]
-  out += _md_table(header, lines) if lines else ["No finished runs."]
+         "(n = seeds). Runs are tabled by protocol and data source, never mixed; published "
+         "rows appear only beside runs of the same protocol. An average is shown only when "
+         "all its tasks are present; the 5-task average (without Path-X) and the 6-task "
+         "average are not comparable."]
+  for group in groups_of(rows):
+    out += ["", f"## {_group_title(group)}", ""] + _group_table(rows, group, with_published)
+  if not rows:
+    out += ["", "No finished runs."]
 
-  speeds = relative_speeds(table)
   detail = []
-  for row in rows:
-    mem = row.median("peak_memory_bytes")
-    detail.append([
-        TASK_TITLES.get(row.task, row.task), row.mechanism + (" *" if row.selected else ""),
-        row.variant or "—", ",".join(str(r.seed) for r in row.runs), _cell(row),
-        _fmt(row.val_mean if row.val_mean > -math.inf else None),
-        f"{int(row.median('num_params')):,}" if row.median("num_params") else "—",
-        _fmt(row.median("steps_per_s")), _fmt(speeds.get(row.mechanism, {}).get(row.task)),
-        _fmt(mem / 2**30, 3) if mem else "—"])
+  for group in groups_of(rows):
+    speeds = relative_speeds(selected_table(rows, group))
+    for row in rows:
+      if (row.protocol, row.data_label) != group:
+        continue
+      mem = row.median("peak_memory_bytes")
+      detail.append([
+          row.protocol, TASK_TITLES.get(row.task, row.task),
+          row.mechanism + (" *" if row.selected else ""), row.variant or "—",
+          ",".join(str(r.seed) for r in row.runs), _cell(row),
+          _fmt(row.val_mean if row.val_mean > -math.inf else None),
+          f"{int(row.median('num_params')):,}" if row.median("num_params") else "—",
+          _fmt(row.median("steps_per_s")), _fmt(speeds.get(row.mechanism, {}).get(row.task)),
+          _fmt(mem / 2**30, 3) if mem else "—"])
   if detail:
     out += ["", "## Per task and variant", "",
-            "`*` marks the variant in the table above (best mean validation accuracy). "
+            "`*` marks the variant in the tables above (best mean validation accuracy). "
             "steps/s is the median over seeds of each run's median.", ""]
-    out += _md_table(["task", "mechanism", "variant", "seeds", "test acc. (%)", "val acc. (%)",
-                      "params", "steps/s", "speed vs softmax", "peak memory (GiB)"], detail)
+    out += _md_table(["protocol", "task", "mechanism", "variant", "seeds", "test acc. (%)",
+                      "val acc. (%)", "params", "steps/s", "speed vs softmax",
+                      "peak memory (GiB)"], detail)
 
   def rel(r: Run) -> str:
     return os.path.relpath(r.workdir, root)
@@ -321,21 +429,13 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
         ["workdir", "task", "mechanism", "seed", "last step", "of", "message"],
         [[rel(r), r.task, r.mechanism, str(r.seed), str(r.step), str(r.num_train_steps),
           _one_line(r.message)] for r in group])
-
   if with_published:
-    out += ["", "## Published numbers (not measured here)", "",
-            "From the papers, for comparison only; `ours` names the mechanism above that "
-            "follows the same model.", ""]
-    ours = {v: k for k, v in pub.COMPARABLE.items()}
-    plines = []
-    for source, models in pub.PUBLISHED.items():
-      for model, vals in models.items():
-        plines.append([f"published: {source}", model]
-                      + [_published_cell(vals.get(t)) for t in TASKS5]
-                      + [_published_cell(vals.get("avg5")), _published_cell(vals.get("pathx")),
-                         _published_cell(vals.get("avg6")), ours.get((source, model), "")])
-    out += _md_table(["source", "model"] + [TASK_TITLES[t] for t in TASKS5]
-                     + ["Avg (5 tasks)", "Path-X", "Avg (6 tasks)", "ours"], plines)
+    shown = {g[0] for g in groups_of(rows)}
+    hidden = sorted({f"{s.name} (`{s.protocol}`)" for s in pub.PUBLISHED
+                     if s.protocol not in shown})
+    if hidden:
+      out += ["", "Published tables not shown (no measured run of their protocol): "
+              + "; ".join(hidden) + "."]
   return "\n".join(out) + "\n"
 
 
@@ -345,38 +445,44 @@ def _one_line(text: str, limit: int = 120) -> str:
   return hit.replace("|", "/")[:limit]
 
 
-CSV_FIELDS = ("source", "task", "mechanism", "variant", "selected", "n_seeds", "seeds",
-              "test_acc_mean", "test_acc_std", "val_acc_mean", "num_params",
-              "steps_per_s_median", "speed_vs_softmax", "peak_memory_bytes")
+CSV_FIELDS = ("source", "protocol", "data", "task", "mechanism", "variant", "selected",
+              "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "val_acc_mean",
+              "num_params", "steps_per_s_median", "speed_vs_softmax", "peak_memory_bytes")
 
 
 def csv_rows(rows: list[Row], with_published: bool) -> list[dict[str, Any]]:
-  """results.csv: measured rows, measured averages, then (optionally) published rows."""
-  table = selected_table(rows)
-  speeds = relative_speeds(table)
+  """results.csv: measured rows, measured averages, then (optionally) the published rows of
+  the protocols measured."""
   out = []
-  for row in rows:
-    out.append({
-        "source": "measured", "task": row.task, "mechanism": row.mechanism,
-        "variant": row.variant, "selected": row.selected, "n_seeds": len(row.test),
-        "seeds": " ".join(str(r.seed) for r in row.runs), "test_acc_mean": row.mean,
-        "test_acc_std": row.std, "val_acc_mean": row.val_mean if row.val_mean > -math.inf else None,
-        "num_params": row.median("num_params"), "steps_per_s_median": row.median("steps_per_s"),
-        "speed_vs_softmax": speeds.get(row.mechanism, {}).get(row.task),
-        "peak_memory_bytes": row.median("peak_memory_bytes")})
-  for mech, by_task in table.items():
-    means = {t: r.mean for t, r in by_task.items()}
-    for name, tasks in (("avg5", TASKS5), ("avg6", TASKS6)):
-      avg = average(means, tasks)
-      if avg is not None:
-        out.append({"source": "measured", "task": name, "mechanism": mech, "selected": True,
-                    "test_acc_mean": avg})
+  for group in groups_of(rows):
+    table = selected_table(rows, group)
+    speeds = relative_speeds(table)
+    for row in rows:
+      if (row.protocol, row.data_label) != group:
+        continue
+      out.append({
+          "source": "measured", "protocol": row.protocol, "data": row.data_label,
+          "task": row.task, "mechanism": row.mechanism, "variant": row.variant,
+          "selected": row.selected, "n_seeds": len(row.test),
+          "seeds": " ".join(str(r.seed) for r in row.runs), "test_acc_mean": row.mean,
+          "test_acc_std": row.std,
+          "val_acc_mean": row.val_mean if row.val_mean > -math.inf else None,
+          "num_params": row.median("num_params"), "steps_per_s_median": row.median("steps_per_s"),
+          "speed_vs_softmax": speeds.get(row.mechanism, {}).get(row.task),
+          "peak_memory_bytes": row.median("peak_memory_bytes")})
+    for mech, by_task in table.items():
+      means = {t: r.mean for t, r in by_task.items()}
+      for name, tasks in (("avg5", TASKS5), ("avg6", TASKS6)):
+        avg = average(means, tasks)
+        if avg is not None:
+          out.append({"source": "measured", "protocol": group[0], "data": group[1],
+                      "task": name, "mechanism": mech, "selected": True, "test_acc_mean": avg})
   if with_published:
-    for source, models in pub.PUBLISHED.items():
-      for model, vals in models.items():
+    for protocol in sorted({g[0] for g in groups_of(rows)}):
+      for src, model, vals in pub.comparable_rows(protocol):
         for task, v in vals.items():
-          out.append({"source": f"published: {source}", "task": task, "mechanism": model,
-                      "test_acc_mean": v})
+          out.append({"source": f"published: {src.name}", "protocol": src.protocol,
+                      "task": task, "mechanism": model, "test_acc_mean": v})
   return out
 
 
@@ -400,8 +506,10 @@ def _figure(width: float, height: float):
   return Figure(figsize=(width, height))   # no pyplot: renders with Agg, no global state
 
 
-def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: bool) -> None:
-  """Grouped bars: test accuracy per task, one bar per mechanism (error bars: std)."""
+def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: bool,
+                  group: Group) -> None:
+  """Grouped bars: test accuracy per task, one bar per mechanism (error bars: std); published
+  markers only for rows of the same protocol."""
   tasks = sorted({t for by_task in table.values() for t in by_task}, key=_task_key)
   mechs = list(table)
   fig = _figure(max(6.0, 1.5 + len(tasks) * (0.4 + 0.2 * len(mechs))), 4.5)
@@ -414,8 +522,8 @@ def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: b
     rows = [table[mech][t] for t in tasks if t in table[mech]]
     ax.bar(xs, [r.mean for r in rows], width, yerr=[r.std or 0.0 for r in rows], capsize=2,
            label=mech)
-    if with_published and mech in pub.COMPARABLE:
-      source, model = pub.COMPARABLE[mech]
+    if with_published and (group[0], mech) in pub.COMPARABLE:
+      source, model = pub.COMPARABLE[(group[0], mech)][0]
       vals = pub.PUBLISHED[source][model]
       pts = [(x, vals[r.task]) for x, r in zip(xs, rows)
              if isinstance(vals.get(r.task), float)]
@@ -425,15 +533,17 @@ def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: b
         labelled = True
   ax.set_xticks(range(len(tasks)), [TASK_TITLES.get(t, t) for t in tasks])
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title("LRA test accuracy (measured; mean ± std over seeds)")
+  ax.set_title(f"Test accuracy (measured; mean ± std over seeds)\n{_group_title(group)}",
+               fontsize=8)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
 
 
 def plot_speed_accuracy(table: dict[str, dict[str, Row]], path: str,
-                        with_published: bool) -> None:
-  """LRA-style chart: speed (x) vs mean accuracy (y); marker area: peak memory or params."""
+                        with_published: bool, group: Group) -> None:
+  """LRA-style chart: speed (x) vs mean accuracy (y); marker area: peak memory or params.
+  Published points only for official-data runs of the Luna-paper or LRA-reference protocol."""
   mechs = list(table)
   common = sorted(set.intersection(*(set(table[m]) for m in mechs)), key=_task_key)
   tasks_of = {m: common or sorted(table[m], key=_task_key) for m in mechs}
@@ -461,9 +571,12 @@ def plot_speed_accuracy(table: dict[str, dict[str, Row]], path: str,
              c=[f"C{i % 10}" for i in range(len(mechs))], edgecolors="black")
   for x, y, m in zip(xs, ys, mechs):
     ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-  show_published = with_published and relative and tuple(common) == TASKS5
+  show_published = (with_published and relative and tuple(common) == TASKS5
+                    and group[1] == "official" and group[0] in ("luna_paper", "lra_reference"))
   if show_published:
     for i, ((source, model), (speed, _)) in enumerate(pub.SPEED_TEXT_4K.items()):
+      if source.protocol != group[0]:
+        continue
       avg = pub.PUBLISHED[source][model].get("avg5")
       ax.scatter([speed], [avg], s=40, marker="D", facecolors="none", edgecolors="gray",
                  label="published" if i == 0 else None)
@@ -475,13 +588,44 @@ def plot_speed_accuracy(table: dict[str, dict[str, Row]], path: str,
                 else "steps/s (geometric mean over tasks)")
   ax.set_ylabel(f"mean test accuracy (%)\nover {task_names}", fontsize=8)
   size_name = "peak memory" if use_memory else "parameter count"
-  title = f"Speed vs accuracy (marker area: {size_name})"
+  title = f"Speed vs accuracy (marker area: {size_name})\n{_group_title(group)}"
   if show_published:
     title += "\npublished (gray): Text 4K speed, 5-task average"
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def plot_curves(runs: list[Run], path: str, group: Group) -> None:
+  """Validation accuracy vs step of every run of one group (from metrics.jsonl), with each
+  finished run's test accuracy at its best validation step."""
+  fig = _figure(7.5, 4.5)
+  ax = fig.subplots()
+  for i, r in enumerate(sorted(runs, key=lambda r: (_task_key(r.task), _sort_key(r.mechanism),
+                                                     r.seed or 0))):
+    recs = [x for x in _read_jsonl(os.path.join(r.workdir, METRICS_FILE))
+            if isinstance(x.get("val_accuracy"), (int, float))]
+    if not recs:
+      continue
+    label = f"{TASK_TITLES.get(r.task, r.task)} {r.mechanism} s{r.seed}"
+    ax.plot([x["step"] for x in recs], [100 * x["val_accuracy"] for x in recs],
+            color=f"C{i % 10}", lw=1, label=label)
+    if r.test_accuracy is not None:
+      best = _read_json(os.path.join(r.workdir, RESULTS_FILE)) or {}
+      ax.scatter([best.get("best_step", recs[-1]["step"])], [100 * r.test_accuracy],
+                 color=f"C{i % 10}", marker="*", s=60, zorder=3)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("validation accuracy (%)  (★ test, best checkpoint)", fontsize=8)
+  ax.set_title(f"Accuracy vs step\n{_group_title(group)}", fontsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _slug(group: Group, index: int) -> str:
+  return f"{group[0]}_{'official' if group[1] == 'official' else 'data'}{index}"
 
 
 # ----------------------------------------------------------------------------- main
@@ -498,12 +642,15 @@ def write_report(roots: list[str], out_dir: str, with_published: bool = False) -
   _write_csv(files["results.csv"], CSV_FIELDS, csv_rows(rows, with_published))
   _write_csv(files["runs.csv"], RUN_FIELDS,
              [{k: getattr(r, k) for k in RUN_FIELDS} for r in runs])
-  table = selected_table(rows)
-  if table:
-    files["accuracy.png"] = os.path.join(out_dir, "accuracy.png")
-    files["speed_accuracy.png"] = os.path.join(out_dir, "speed_accuracy.png")
-    plot_accuracy(table, files["accuracy.png"], with_published)
-    plot_speed_accuracy(table, files["speed_accuracy.png"], with_published)
+  for i, group in enumerate(groups_of(rows)):
+    table = selected_table(rows, group)
+    slug = _slug(group, i)
+    for kind, fn in (("accuracy", plot_accuracy), ("speed_accuracy", plot_speed_accuracy)):
+      files[f"{kind}_{slug}.png"] = os.path.join(out_dir, f"{kind}_{slug}.png")
+      fn(table, files[f"{kind}_{slug}.png"], with_published, group)
+    files[f"curves_{slug}.png"] = os.path.join(out_dir, f"curves_{slug}.png")
+    plot_curves([r for r in runs if (r.protocol, r.data_label) == group],
+                files[f"curves_{slug}.png"], group)
   return {"runs": runs, "rows": rows, "files": files}
 
 

@@ -16,19 +16,23 @@ TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
 
 def fake_run(root, name, task="listops", attention="luna", seed=0, *, proj_len=256,
              test=0.5, val=0.5, lr=1e-4, status="finished", steps_per_s=10.0, params=1000,
-             peak=None, last_step=100, failed_text=""):
-  """Writes a workdir as the trainer would: config.json, metrics.jsonl, results.json."""
+             peak=None, last_step=100, failed_text="", protocol=None, data=None):
+  """Writes a workdir as the trainer would: config.json, metrics.jsonl, results.json.
+  protocol defaults to the one a plain config of `attention` has; data to official files."""
+  protocol = protocol or ("luna_paper" if attention == "luna" else "lra_reference")
+  data = data or {"source": "official", "files": {"x.tsv": "0" * 64}}
   wd = os.path.join(root, name)
   os.makedirs(os.path.join(wd, "checkpoints", str(last_step)))
   config = {"task": task, "seed": seed, "learning_rate": lr, "num_train_steps": 100,
-            "data_dir": f"/data/{seed}", "model": {"attention": attention, "proj_len": proj_len}}
+            "data_dir": f"/data/{seed}", "protocol": protocol,
+            "model": {"attention": attention, "proj_len": proj_len}}
   with open(os.path.join(wd, "config.json"), "w") as f:
     json.dump(config, f)
   loss = math.nan if status == "diverged" else 0.7
   recs = [{"step": 0, "num_params": params}]
   for step in range(10, last_step + 1, 10):
     rec = {"step": step, "train_loss": loss if step == last_step else 0.9,
-           "steps_per_s": steps_per_s}
+           "steps_per_s": steps_per_s, "val_accuracy": val * step / last_step}
     if peak:
       rec["peak_memory_bytes"] = peak
     recs.append(rec)
@@ -39,7 +43,8 @@ def fake_run(root, name, task="listops", attention="luna", seed=0, *, proj_len=2
       json.dump({"task": task, "attention": attention, "proj_len": proj_len, "seed": seed,
                  "num_params": params, "step": last_step, "num_train_steps": 100,
                  "finished": True, "best_val_accuracy": val, "best_step": last_step,
-                 "test_accuracy": test, "test_loss": 1.0, "steps_per_s": steps_per_s}, f)
+                 "test_accuracy": test, "test_loss": 1.0, "steps_per_s": steps_per_s,
+                 "protocol": protocol, "data": data}, f)
   if failed_text:
     with open(os.path.join(wd, results.FAILED_FILE), "w") as f:
       f.write(failed_text)
@@ -113,33 +118,68 @@ def test_six_task_average_kept_apart(tmp_path):
 
 
 def test_variants_select_best_validation_and_relative_speed(tmp_path):
-  fake_run(tmp_path, "lo", "listops", "luna", lr=1e-4, val=0.3, test=0.9, steps_per_s=20.0)
-  fake_run(tmp_path, "hi", "listops", "luna", lr=1e-3, val=0.6, test=0.5, steps_per_s=20.0)
-  fake_run(tmp_path, "sm", "listops", "softmax", steps_per_s=5.0)
+  # Speeds are compared within one protocol (same model sizes), never across protocols.
+  fake_run(tmp_path, "lo", "listops", "luna", lr=1e-4, val=0.3, test=0.9, steps_per_s=20.0,
+           protocol="small")
+  fake_run(tmp_path, "hi", "listops", "luna", lr=1e-3, val=0.6, test=0.5, steps_per_s=20.0,
+           protocol="small")
+  fake_run(tmp_path, "sm", "listops", "softmax", steps_per_s=5.0, protocol="small")
+  fake_run(tmp_path, "other", "listops", "softmax", steps_per_s=1.0)
   rows = results.aggregate(results.load_runs([str(tmp_path)]))
   luna = [r for r in rows if r.mechanism == "luna-256"]
   assert sorted(r.variant for r in luna) == ["learning_rate=0.0001", "learning_rate=0.001"]
   assert [r.variant for r in luna if r.selected] == ["learning_rate=0.001"]
-  speeds = results.relative_speeds(results.selected_table(rows))
+  speeds = results.relative_speeds(results.selected_table(rows, ("small", "official")))
   assert speeds["luna-256"]["listops"] == pytest.approx(4.0)
 
 
-def test_published_rows_are_labelled_and_separate(tmp_path):
+def test_published_rows_are_labelled_and_beside_their_protocol_only(tmp_path):
   fake_run(tmp_path, "r", "listops", "luna")
   plain = results.write_report([str(tmp_path)], str(tmp_path / "plain"))
   assert all(r["source"] == "measured" for r in read_csv(plain["files"]["results.csv"]))
-  assert "published" not in open(plain["files"]["results.md"]).read().lower()
+  assert "published:" not in open(plain["files"]["results.md"]).read()
   report = results.write_report([str(tmp_path)], str(tmp_path / "pub"), with_published=True)
   rows = read_csv(report["files"]["results.csv"])
   measured = [r for r in rows if r["source"] == "measured"]
   published = [r for r in rows if r["source"] != "measured"]
   assert len(measured) == 1 and all(r["source"].startswith("published: ") for r in published)
+  assert {r["protocol"] for r in published} == {"luna_paper"}     # no LRA or small rows
   luna256 = {r["task"]: r["test_acc_mean"] for r in published if r["mechanism"] == "Luna-256"}
   assert luna256["listops"] == "37.98" and luna256["avg5"] == "61.95"
   md = open(report["files"]["results.md"]).read()
-  measured_part, published_part = md.split("## Published numbers (not measured here)")
-  assert "37.98" not in measured_part
-  assert "| published: Luna paper" in published_part and "| luna-256 |" in published_part
+  section = md.split("## Luna paper recipes")[1].split("\n## ")[0]
+  published_line = next(ln for ln in section.splitlines() if "published: Luna-256" in ln)
+  assert "37.98" in published_line and "[Luna paper" in published_line
+  assert "37.98" not in next(ln for ln in section.splitlines() if ln.startswith("| luna-256"))
+  assert "LRA Table 1" not in section and "Skyformer" not in section
+  assert "Published tables not shown" in md and "LRA Table 1" in md.split("not shown")[1]
+
+
+def test_protocols_and_data_sources_never_share_a_table(tmp_path):
+  generated = {"source": "generated", "generator": "lra_tasks.listops",
+               "settings": {"num_train": 96000, "seed": 0}}
+  fake_run(tmp_path, "small_gen", "listops", "softmax", protocol="small", data=generated,
+           test=0.30)
+  fake_run(tmp_path, "small_off", "listops", "softmax", protocol="small", test=0.37)
+  fake_run(tmp_path, "quick", "listops", "softmax", protocol="quick", data=generated, test=0.9)
+  fake_run(tmp_path, "ref", "listops", "softmax", test=0.36)
+  runs = results.load_runs([str(tmp_path)])
+  rows = results.aggregate(runs)
+  assert len(rows) == 4 and all(r.selected for r in rows)      # four separate groups
+  md = results.markdown(runs, rows, str(tmp_path), True)
+  sections = {s.split("\n")[0]: s for s in md.split("\n## ")[1:]}
+  small_gen = next(v for k, v in sections.items() if k.startswith("small") and "generated" in k)
+  small_off = next(v for k, v in sections.items() if k.startswith("small") and "official" in k)
+  quick = next(v for k, v in sections.items() if k.startswith("quick"))
+  reference = next(v for k, v in sections.items() if k.startswith("LRA reference"))
+  assert "30.00†" in small_gen and "37.00" not in small_gen and "generated data" in small_gen
+  assert "37.00 (n=1)" in small_off and "†" not in small_off.split("\n\n")[1]
+  for sec in (small_gen, small_off):   # the small protocol's published rows, named
+    assert "published: Transformer [Skyformer" in sec and "LUNA (learned kernel)" in sec
+    assert "LRA Table 1" not in sec and "Luna paper" not in sec
+  assert "90.00†" in quick and "published:" not in quick
+  assert "36.00 (n=1)" in reference and "published: Transformer [LRA Table 1" in reference
+  assert "Skyformer" not in reference
 
 
 @pytest.mark.parametrize("with_softmax,peak", [(True, 2**30), (False, None)])
@@ -153,7 +193,11 @@ def test_plots_are_valid_pngs(tmp_path, with_softmax, peak):
         fake_run(tmp_path, f"{t}/{att}{l}_s{seed}", t, att, seed, proj_len=l,
                  test=0.4 + 0.05 * i + 0.01 * seed, steps_per_s=5.0 + i, peak=peak)
   report = results.write_report([str(tmp_path)], str(tmp_path / "out"), with_published=True)
-  for name in ("accuracy.png", "speed_accuracy.png"):
+  names = [n for n in report["files"] if n.endswith(".png")]
+  assert sorted(names) == sorted(f"{kind}_{p}_official{i}.png"
+                                 for i, p in enumerate(("luna_paper", "lra_reference"))
+                                 for kind in ("accuracy", "speed_accuracy", "curves"))
+  for name in names:
     path = report["files"][name]
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -166,5 +210,6 @@ def test_cli_writes_files(tmp_path, capsys):
   fake_run(tmp_path / "runs", "listops/softmax", "listops", "softmax")
   assert results.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
   assert "| softmax | 50.00 (n=1) |" in capsys.readouterr().out
-  assert sorted(os.listdir(tmp_path / "o")) == ["accuracy.png", "results.csv", "results.md",
-                                                "runs.csv", "speed_accuracy.png"]
+  assert sorted(os.listdir(tmp_path / "o")) == [
+      "accuracy_lra_reference_official0.png", "curves_lra_reference_official0.png",
+      "results.csv", "results.md", "runs.csv", "speed_accuracy_lra_reference_official0.png"]
