@@ -142,3 +142,40 @@ def test_sequence_longer_than_position_table_fails():
   model, params, _ = _init()
   with pytest.raises(ValueError, match="max_len"):
     model.apply({"params": params}, jnp.ones((1, 41), jnp.int32))
+
+
+def test_readouts_mean_padded_and_first():
+  x = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
+  mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+  np.testing.assert_allclose(models.readout(x, mask, "first"), x[:, 0])
+  np.testing.assert_allclose(models.readout(x, mask, "cls"), x[:, 0])
+  # "mean": over the real tokens; "mean_padded": real tokens summed, divided by N (Nystromformer).
+  np.testing.assert_allclose(models.readout(x, mask, "mean")[1], x[1, :2].mean(0))
+  np.testing.assert_allclose(models.readout(x, mask, "mean_padded")[1], x[1, :2].sum(0) / 4)
+  np.testing.assert_allclose(models.readout(x, mask, "mean_padded")[0], x[0].mean(0))
+  with pytest.raises(ValueError, match="readout"):
+    models.readout(x, mask, "max")
+
+
+def test_torch_init_is_nn_linear_and_normal_embeddings():
+  cfg = dataclasses.replace(CFG, attention="softmax", block="pre_ln", qkv_bias=True)
+  _, params, _ = _init(cfg)
+  new = models.torch_init(params, jax.random.key(3))
+  enc = new["encoder"]
+  fc1 = enc["layers_0"]["ffn"]["fc1"]
+  bound = CFG.emb_dim**-0.5
+  for leaf in (fc1["kernel"], fc1["bias"], enc["layers_0"]["self_attn"]["query"]["bias"]):
+    assert float(jnp.abs(leaf).max()) <= bound and float(jnp.abs(leaf).max()) > 0.5 * bound
+  assert abs(float(enc["embed_tokens"]["embedding"].std()) - 0.02) < 0.006
+  np.testing.assert_array_equal(enc["final_layer_norm"]["scale"],
+                                params["encoder"]["final_layer_norm"]["scale"])
+
+
+def test_classifier_head_layers_and_bias():
+  cfg = dataclasses.replace(CFG, classifier_layers=2, classifier_bias=True)
+  _, params, _ = _init(cfg)
+  assert params["classifier_hidden"]["kernel"].shape == (16, 24)
+  assert params["classifier_hidden_1"]["kernel"].shape == (24, 12)
+  assert params["classifier_out"]["kernel"].shape == (12, 5) and "bias" in params["classifier_out"]
+  _, params, _ = _init(CFG)
+  assert "bias" not in params["classifier_out"]                 # Luna's head has none

@@ -73,3 +73,31 @@ def test_schedules():
   s = trainer.learning_rate_schedule(c)
   assert float(s(10)) == pytest.approx(0.05 / 10**0.5)
   assert float(s(5)) == pytest.approx(0.5 * 0.05 / 10**0.5)
+
+
+def test_evaluation_uses_the_random_features_the_parameters_were_trained_with():
+  """With redraw_every == eval_every, evaluating after update `step` must use the draw of
+  update step - 1 (the last training step), not a fresh draw."""
+  import functools
+  import jax.numpy as jnp
+  from luna_jax import models
+  cfg = models.ModelConfig(vocab_size=12, num_classes=3, max_len=16, attention="performer",
+                           attention_kwargs=(("num_features", 4),), num_layers=1, emb_dim=8,
+                           num_heads=2, mlp_dim=16, classifier_dim=8)
+  model = models.Classifier(cfg)
+  tokens = jnp.ones((2, 16), jnp.int32).at[:, 5:].set(3)
+  params = model.init({"params": jax.random.key(0), "features": jax.random.key(1)},
+                      tokens)["params"]
+  key, redraw = jax.random.key(5), 10
+  batch = {"inputs": tokens, "targets": jnp.zeros(2, jnp.int32), "weights": jnp.ones(2),
+           "class_counts": jnp.ones((2, 3))}
+  ev = functools.partial(trainer.eval_step, apply_fn=model.apply, redraw_every=redraw)
+
+  def loss_with_draw(train_step_index):
+    rngs = {"features": trainer.step_rngs(key, jnp.asarray(train_step_index), redraw)["features"]}
+    logits = model.apply({"params": params}, tokens, rngs=rngs)
+    return float(trainer.cross_entropy(logits, batch["targets"]).sum())
+
+  got = float(ev(params, batch, key, jnp.asarray(10))["loss"])     # after updates 0..9
+  assert got == pytest.approx(loss_with_draw(9), rel=1e-6)
+  assert loss_with_draw(9) != pytest.approx(loss_with_draw(10), rel=1e-3)   # draws differ
