@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from luna_jax.attention import get_attention
+from luna_jax.attention import common, get_attention
 
 Array = jax.Array
 LN_EPS = 1e-5
@@ -106,7 +106,7 @@ class FeedForward(nn.Module):
     d = x_BxNxD.shape[-1]
     h = torch_linear(self.mlp_dim, d, "fc1", dtype=self.dtype)(x_BxNxD)
     h = nn.gelu(h, approximate=False)
-    h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
+    h = common.Dropout(self.activation_dropout)(h, deterministic=deterministic)
     return torch_linear(d, self.mlp_dim, "fc2", dtype=self.dtype)(h)
 
 
@@ -122,7 +122,7 @@ class LunaEncoderLayer(nn.Module):
         num_heads=cfg.num_heads, num_pack_heads=cfg.num_pack_heads, tie_kv=cfg.tie_kv,
         dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype, qkv_dim=cfg.qkv_dim,
         **dict(cfg.attention_kwargs), name="self_attn")
-    drop = nn.Dropout(cfg.dropout)
+    drop = common.Dropout(cfg.dropout)
     y_BxNxD, yp_BxLxD = attn(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic=deterministic)
     x_BxNxD = layer_norm("self_attn_layer_norm")(x_BxNxD + drop(y_BxNxD, deterministic))
     p_BxLxD = layer_norm("atten_proj_layer_norm")(p_BxLxD + drop(yp_BxLxD, deterministic))
@@ -145,7 +145,7 @@ class EncoderLayer(nn.Module):
         qkv_dim=cfg.qkv_dim, use_bias=cfg.qkv_bias, **dict(cfg.attention_kwargs),
         name="self_attn")
     ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
-    drop = nn.Dropout(cfg.dropout)
+    drop = common.Dropout(cfg.dropout)
     if cfg.block == "pre_ln":
       y_BxNxD, _ = attn(layer_norm("self_attn_layer_norm")(x_BxNxD), mask_BxN,
                         deterministic=deterministic)
@@ -199,7 +199,7 @@ class Encoder(nn.Module):
     else:
       pos_BxNxD = jnp.asarray(sinusoidal_table(cfg.max_len + 1, d))[positions_BxN]
     x_BxNxD = x_BxNxD + pos_BxNxD * mask_BxN[..., None]
-    drop = nn.Dropout(cfg.dropout)
+    drop = common.Dropout(cfg.dropout)
 
     p_BxLxD = p_mask_BxL = None
     if is_luna or cfg.block == "post_ln":

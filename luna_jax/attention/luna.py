@@ -48,14 +48,14 @@ class LunaAttention(nn.Module):
     h, hp = self.num_heads, self.num_pack_heads or self.num_heads
     g = 2.0**-0.5  # official gain of the q/k/v projections
 
-    # Pack: P queries attend over X.
+    # Pack: P queries attend over X. The X-side projections (pk, pv or pc, and q) are one
+    # matmul (`fused_dense`); their parameters keep the official names and shapes.
     pq_BxLxHxK = common.split_heads(self._proj("pq_proj", d, g)(p_BxLxD), hp)
     pq_BxLxHxK = pq_BxLxHxK * (d // hp)**-0.5
-    if self.tie_kv:
-      pk_BxNxD = pv_BxNxD = self._proj("pc_proj", d, g)(x_BxNxD)
-    else:
-      pk_BxNxD = self._proj("pk_proj", d, g)(x_BxNxD)
-      pv_BxNxD = self._proj("pv_proj", d, g)(x_BxNxD)
+    names = ("pc_proj", "q_proj") if self.tie_kv else ("pk_proj", "pv_proj", "q_proj")
+    x_params = [common.projection_params(d, n, gain=g, fan_in=d)(d) for n in names]
+    *pkv, q_BxNxD = common.fused_dense(x_BxNxD, x_params, self.dtype)
+    pk_BxNxD, pv_BxNxD = (pkv[0], pkv[0]) if self.tie_kv else pkv
     pk_BxNxHxK = common.split_heads(pk_BxNxD, hp)
     pv_BxNxHxK = common.split_heads(pv_BxNxD, hp)
     pctx_BxLxHxK = self._attend(pq_BxLxHxK, pk_BxNxHxK, pv_BxNxHxK, mask_BxN, "pack_attn",
@@ -63,12 +63,13 @@ class LunaAttention(nn.Module):
     pctx_BxLxD = common.merge_heads(pctx_BxLxHxK)
 
     # Unpack: X queries attend over the packed context.
-    q_BxNxHxK = common.split_heads(self._proj("q_proj", d, g)(x_BxNxD), h) * (d // h)**-0.5
+    q_BxNxHxK = common.split_heads(q_BxNxD, h) * (d // h)**-0.5
     if self.tie_kv:
       k_BxLxD = v_BxLxD = self._proj("c_proj", d, g)(pctx_BxLxD)
     else:
-      k_BxLxD = self._proj("k_proj", d, g)(pctx_BxLxD)
-      v_BxLxD = self._proj("v_proj", d, g)(pctx_BxLxD)
+      k_BxLxD, v_BxLxD = common.fused_dense(
+          pctx_BxLxD, [common.projection_params(d, n, gain=g, fan_in=d)(d)
+                       for n in ("k_proj", "v_proj")], self.dtype)
     k_BxLxHxK = common.split_heads(k_BxLxD, h)
     v_BxLxHxK = common.split_heads(v_BxLxD, h)
     y_BxNxHxK = self._attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, p_mask_BxL, "unpack_attn",
@@ -96,5 +97,5 @@ class LunaAttention(nn.Module):
     a_BxHxTxS = common.masked_softmax(s_BxHxTxS, mask)
     self.sow("intermediates", name, a_BxHxTxS)
     if not deterministic and self.dropout_rate > 0.0:
-      a_BxHxTxS = nn.Dropout(self.dropout_rate)(a_BxHxTxS, deterministic=False)
+      a_BxHxTxS = common.Dropout(self.dropout_rate)(a_BxHxTxS, deterministic=False)
     return jnp.einsum("bhts,bshk->bthk", a_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)

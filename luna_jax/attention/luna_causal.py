@@ -81,7 +81,7 @@ class LunaCausalAttention(nn.Module):
     a_BxHxNxL = common.masked_softmax(scores_BxHxNxL, p_mask)
     self.sow("intermediates", "attn", a_BxHxNxL)
     if not deterministic and self.dropout_rate > 0.0:
-      a_BxHxNxL = nn.Dropout(self.dropout_rate)(a_BxHxNxL, deterministic=False)
+      a_BxHxNxL = common.Dropout(self.dropout_rate)(a_BxHxNxL, deterministic=False)
     u_BxNxHxKxL = jnp.cumsum(jnp.einsum("bnhk,bnhl->bnhkl", f32(v), pi_BxNxHxL), axis=1)
     o_BxNxHxK = jnp.einsum("bnhkl,bhnl->bnhk", u_BxNxHxKxL, a_BxHxNxL) / t_N
     return self.out_proj(common.merge_heads(o_BxNxHxK.astype(self.dtype))), None

@@ -84,7 +84,7 @@ class SoftmaxAttention(nn.Module):
                                   preferred_element_type=jnp.float32) * dh**-0.5
       w_BxHxNxN = common.masked_softmax(scores_BxHxNxN, keep_Bx1xNxN)
       self.sow("intermediates", "attn_weights", w_BxHxNxN)    # only when inspecting
-      w_BxHxNxN = nn.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
+      w_BxHxNxN = common.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
       o_BxNxHxK = jnp.einsum("bhqn,bnhk->bqhk", w_BxHxNxN.astype(self.dtype), v_BxNxHxK)
     y_BxNxD = proj("out", d, e)(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, None
