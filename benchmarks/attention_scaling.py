@@ -273,7 +273,7 @@ def attention_kwargs(spec: MechanismSpec, args: argparse.Namespace) -> dict[str,
   if spec.name == "softmax":
     return {"implementation": args.softmax_impl}
   if spec.name == "luna" and args.luna_flash:
-    return {"use_flash": True}
+    return {"implementation": "auto"}
   return {}
 
 
@@ -284,8 +284,8 @@ def uses_fused_kernel(spec: MechanismSpec, args: argparse.Namespace) -> bool:
     if args.softmax_impl == "cudnn":
       return True
     try:   # "auto": fused exactly where it resolves to cuDNN without dropout
-      from luna_jax.attention import softmax  # pylint: disable=import-outside-toplevel
-      return softmax.resolve_implementation("auto", args.dtype, False) == "cudnn"
+      from luna_jax.attention import common  # pylint: disable=import-outside-toplevel
+      return common.resolve_implementation("auto", args.dtype, False) == "cudnn"
     except Exception:  # noqa: BLE001
       return False
   return spec.name == "luna" and args.luna_flash
@@ -296,14 +296,15 @@ def attention_impl(spec: MechanismSpec, args: argparse.Namespace, dropout_active
   """The attention implementation a point actually runs ("xla", "cudnn", "flash", ...)."""
   if spec.name == "softmax":
     try:
-      from luna_jax.attention import softmax  # pylint: disable=import-outside-toplevel
-      return softmax.resolve_implementation(args.softmax_impl, args.dtype, dropout_active)
+      from luna_jax.attention import common  # pylint: disable=import-outside-toplevel
+      return common.resolve_implementation(args.softmax_impl, args.dtype, dropout_active)
     except Exception:  # noqa: BLE001
       return args.softmax_impl
   if spec.name == "luna":
-    if not args.luna_flash or dropout_active:
+    if not args.luna_flash:
       return "xla"
-    return "flash-cudnn" if jax.default_backend() == "gpu" else "flash-xla"
+    from luna_jax.attention import common  # pylint: disable=import-outside-toplevel
+    return common.resolve_implementation("auto", args.dtype, dropout_active)
   return None
 
 

@@ -9,7 +9,7 @@ layer), float32, CPU, no dropout, with gradients with respect to all parameters 
   `LunarMultiheadAttention` / `LunaSentenceEncoderLayer`, validated against the official reference
   vectors; the official op structure), eager autograd, time-major [N, B, D].
 * jax: the library modules as they are, `luna_jax.attention.luna.LunaAttention` and
-  `luna_jax.models.LunaEncoderLayer`, `jax.jit(jax.value_and_grad(loss, argnums=(params, x, p)))`,
+  `luna_jax.models.EncoderLayer` (attention="luna"), `jax.jit(jax.value_and_grad(loss, argnums=(params, x, p)))`,
   batch-major [B, N, D].
 
 Both sides get the same inputs (numpy, fixed seed) and the same padding: the last --pad_frac of
@@ -202,7 +202,7 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
   else:
     cfg = models.ModelConfig(vocab_size=1, num_classes=1, max_len=1, emb_dim=args.dim,
                              num_heads=args.heads, mlp_dim=args.ffn)
-    module = models.LunaEncoderLayer(cfg)
+    module = models.EncoderLayer(cfg)
     call = lambda prm, x, keep, p: module.apply({"params": prm}, x, keep, p, None, True)
   # Parameters do not depend on N or l: initialise on a tiny input (no eager full-size pass).
   tiny_x, tiny_p = jnp.zeros((1, 4, args.dim)), jnp.zeros((1, 2, args.dim))

@@ -89,6 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.seed = 0
   c.grain_workers = 0          # >0 uses grain multiprocessing (needs absl flags: train.py)
+  c.allow_resume_changes = False  # resume with a changed schedule (luna_jax/workdir.py)
+  c.allow_truncation = True    # False: refuse ListOps rows longer than seq_len (else counted)
   c.protocol = "custom"        # luna_paper | lra_reference | small | quick (set by the variant)
   # torch OneCycleLR defaults (schedule "one_cycle"); cycle_momentum cycles Adam's beta1.
   c.one_cycle = ml_collections.ConfigDict(dict(
@@ -112,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.1
   m.attention_dropout = 0.1
   m.activation_dropout = 0.0
-  m.block = "post_ln"          # non-Luna blocks: post_ln | pre_ln (LRA reference)
+  m.block = "post_ln"          # post_ln (Luna: always) | pre_ln (LRA reference, small protocol)
   m.positions = "learned"      # learned | sinusoidal
   m.embedding = "tokens"       # tokens | linear (pixel values through a Dense)
   m.readout = "cls"            # cls | first | mean | mean_padded (luna_jax/models.py)
@@ -126,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.redraw_every = 1000        # random-feature redraw interval (Performer)
   # Mechanism-specific options, passed to the attention module as keyword arguments
   # (defaults = the modules' defaults; see each module's docstring).
-  m.luna = ml_collections.ConfigDict({"use_flash": False})
+  m.luna = ml_collections.ConfigDict({"implementation": "xla"})
   m.softmax = ml_collections.ConfigDict({"implementation": "xla"})
   m.cheap_linear = ml_collections.ConfigDict({"form": "transformer", "normalization": "auto",
                                               "gated": False})
@@ -174,7 +176,7 @@ def small_protocol(c: ml_collections.ConfigDict, *, batch: int, steps: int, warm
   m.embedding = "tokens"
   m.max_len = max_len
   m.qkv_bias = True
-  m.block = "pre_ln"               # non-Luna; Luna keeps its post-LN layer
+  m.block = "post_ln" if m.attention == "luna" else "pre_ln"   # Luna keeps its own layer
   m.retrieval_combine = "interact"
   m.performer.kernel = "relu"      # the protocol's performer-256 config names the relu kernel
   c.batch_size, c.num_train_steps, c.warmup_steps = batch, steps, warmup
@@ -188,8 +190,9 @@ def small_protocol(c: ml_collections.ConfigDict, *, batch: int, steps: int, warm
 # Fields a protocol leaves free: changing them keeps the protocol name (each published table
 # varies them: projection length, seed, where the data is, how often to save, how to run).
 PROTOCOL_KNOBS = ("model.proj_len", "seed", "data_dir", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "grain_workers", "model.remat", "model.luna.use_flash",
-                  "model.softmax.implementation", "protocol")
+                  "log_every", "grain_workers", "model.remat", "model.luna.implementation",
+                  "model.softmax.implementation", "protocol", "allow_resume_changes",
+                  "allow_truncation")
 
 
 def mark_overrides(c: ml_collections.ConfigDict, keys) -> None:

@@ -5,7 +5,7 @@ Name mapping (torch layout W [out, in] becomes a Flax kernel W^T [in, out]):
   torch (LunarMultiheadAttention)          flax (LunaAttention)
   {pq,pk,pv,q,k,v,out}_proj.{weight,bias}  {pq,pk,pv,q,k,v,out}_proj/{kernel,bias}
   {pq,pc,q,c,out}_proj.*  (tied K/V)       {pq,pc,q,c,out}_proj/*
-  torch (LunaSentenceEncoderLayer)         flax (LunaEncoderLayer)
+  torch (LunaSentenceEncoderLayer)         flax (EncoderLayer, attention="luna")
   self_attn.*                              self_attn/*
   self_attn_layer_norm.{weight,bias}       self_attn_layer_norm/{scale,bias}
   self_atten_proj_layer_norm.*             atten_proj_layer_norm/*
@@ -31,7 +31,7 @@ from luna_jax import models
 from luna_jax.attention.luna import LunaAttention
 
 Params = dict
-LAYER_NAMES = {  # torch sub-module -> flax sub-module of LunaEncoderLayer
+LAYER_NAMES = {  # torch sub-module -> flax sub-module of EncoderLayer (luna)
     "self_attn_layer_norm": ("self_attn_layer_norm",),
     "self_atten_proj_layer_norm": ("atten_proj_layer_norm",),
     "fc1": ("ffn", "fc1"),
@@ -72,7 +72,7 @@ def causal_attention_params(sd: Mapping[str, np.ndarray], prefix: str = "", tied
 
 def layer_params(sd: Mapping[str, np.ndarray], prefix: str = "layer_", tied: bool = False
                  ) -> Params:
-  """LunaSentenceEncoderLayer weights -> LunaEncoderLayer params."""
+  """LunaSentenceEncoderLayer weights -> EncoderLayer (luna) params."""
   params: Params = {"self_attn": attention_params(sd, f"{prefix}self_attn_", tied)}
   for torch_name, path in LAYER_NAMES.items():
     convert = _layer_norm if torch_name.endswith("norm") else _linear
@@ -98,7 +98,7 @@ def _btd(a: np.ndarray) -> jnp.ndarray:
 
 
 def check_bidirectional(v: Mapping[str, np.ndarray]) -> dict[str, float]:
-  """Runs LunaAttention (untied, P-masked, tied) and LunaEncoderLayer on official vectors;
+  """Runs LunaAttention (untied, P-masked, tied) and the Luna EncoderLayer on official vectors;
   returns the max absolute error of every output present in `v`."""
   heads = _cfg(v, "num_heads")
   pheads = _cfg(v, "num_pheads", heads)
@@ -138,7 +138,7 @@ def check_bidirectional(v: Mapping[str, np.ndarray]) -> dict[str, float]:
     cfg = models.ModelConfig(vocab_size=1, num_classes=1, max_len=1, emb_dim=d,
                              num_heads=heads, num_pack_heads=pheads, tie_kv=tied,
                              mlp_dim=_cfg(v, "ffn_dim", int(v["layer_fc1_weight"].shape[0])))
-    layer = models.LunaEncoderLayer(cfg)
+    layer = models.EncoderLayer(cfg)
     xo, po = layer.apply({"params": layer_params(v, "layer_", tied)}, x, x_mask, p, None, True)
     errors["layer_x_out"] = err(xo, v["layer_x_out"])
     errors["layer_p_out"] = err(po, v["layer_p_out"])

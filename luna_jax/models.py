@@ -51,7 +51,7 @@ class ModelConfig:
   dropout: float = 0.1
   attention_dropout: float = 0.1
   activation_dropout: float = 0.0
-  block: str = "post_ln"               # non-Luna blocks: "post_ln" or "pre_ln" (LRA reference)
+  block: str = "post_ln"               # "post_ln" (Luna: always) or "pre_ln" (LRA reference)
   positions: str = "learned"           # "learned" or "sinusoidal"
   embedding: str = "tokens"            # "tokens" or "linear" (pixel value / 255 through a Dense)
   readout: str = "cls"                 # cls | first | mean | mean_padded (module docstring)
@@ -110,40 +110,40 @@ class FeedForward(nn.Module):
     return torch_linear(d, self.mlp_dim, "fc2", dtype=self.dtype)(h)
 
 
-class LunaEncoderLayer(nn.Module):
-  """Post-LN Luna layer: X gets attention + FFN, P gets residual + LayerNorm only."""
-  cfg: ModelConfig
+def attention_module(cfg: ModelConfig, name: str = "self_attn") -> nn.Module:
+  """The configured mechanism with the model's sizes; the one place that builds it."""
+  cls = get_attention(cfg.attention)
+  kwargs = dict(num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout,
+                dtype=cfg.compute_dtype, qkv_dim=cfg.qkv_dim)
+  if carries_p(cfg):   # Luna: its own projections (always biased), pack heads, tied K/V
+    kwargs.update(num_pack_heads=cfg.num_pack_heads, tie_kv=cfg.tie_kv)
+  else:
+    kwargs.update(use_bias=cfg.qkv_bias)
+  return cls(**kwargs, **dict(cfg.attention_kwargs), name=name)
 
-  @nn.compact
-  def __call__(self, x_BxNxD: Array, mask_BxN: Array | None, p_BxLxD: Array,
-               p_mask_BxL: Array | None, deterministic: bool) -> tuple[Array, Array]:
-    cfg = self.cfg
-    attn = get_attention("luna")(
-        num_heads=cfg.num_heads, num_pack_heads=cfg.num_pack_heads, tie_kv=cfg.tie_kv,
-        dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype, qkv_dim=cfg.qkv_dim,
-        **dict(cfg.attention_kwargs), name="self_attn")
-    drop = common.Dropout(cfg.dropout)
-    y_BxNxD, yp_BxLxD = attn(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic=deterministic)
-    x_BxNxD = layer_norm("self_attn_layer_norm")(x_BxNxD + drop(y_BxNxD, deterministic))
-    p_BxLxD = layer_norm("atten_proj_layer_norm")(p_BxLxD + drop(yp_BxLxD, deterministic))
-    ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
-    h_BxNxD = drop(ff(x_BxNxD, deterministic), deterministic)
-    x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD + h_BxNxD)
-    return x_BxNxD, p_BxLxD
+
+def carries_p(cfg: ModelConfig) -> bool:
+  """Whether the mechanism reads and updates a packed sequence P (Luna)."""
+  return bool(getattr(get_attention(cfg.attention), "carries_p", False))
 
 
 class EncoderLayer(nn.Module):
-  """A Transformer layer around any non-Luna attention, pre-LN or post-LN."""
+  """One Transformer layer around any mechanism of the family.
+
+  post_ln (Luna's LunaSentenceEncoderLayer, and `block="post_ln"`):
+    X' = LN(X + drop(Y_X)); X'' = LN(X' + drop(FFN(X')));  P' = LN_proj(P + drop(Y_P)) when
+    the mechanism carries P (no FFN on P).
+  pre_ln (the LRA reference and the small-model protocol):
+    X' = X + drop(attn(LN(X))); X'' = X' + drop(FFN(LN(X'))).
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxNxD: Array, mask_BxN: Array | None, p_BxLxD: Array | None,
-               p_mask_BxL: Array | None, deterministic: bool) -> tuple[Array, None]:
+               p_mask_BxL: Array | None, deterministic: bool
+               ) -> tuple[Array, Array | None]:
     cfg = self.cfg
-    attn = get_attention(cfg.attention)(
-        num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dtype=cfg.compute_dtype,
-        qkv_dim=cfg.qkv_dim, use_bias=cfg.qkv_bias, **dict(cfg.attention_kwargs),
-        name="self_attn")
+    attn = attention_module(cfg)
     ff = FeedForward(cfg.mlp_dim, cfg.activation_dropout, cfg.compute_dtype, name="ffn")
     drop = common.Dropout(cfg.dropout)
     if cfg.block == "pre_ln":
@@ -152,10 +152,13 @@ class EncoderLayer(nn.Module):
       x_BxNxD = x_BxNxD + drop(y_BxNxD, deterministic)
       h_BxNxD = ff(layer_norm("final_layer_norm")(x_BxNxD), deterministic)
       return x_BxNxD + drop(h_BxNxD, deterministic), None
-    y_BxNxD, _ = attn(x_BxNxD, mask_BxN, deterministic=deterministic)
+    y_BxNxD, yp_BxLxD = attn(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL,
+                             deterministic=deterministic)
     x_BxNxD = layer_norm("self_attn_layer_norm")(x_BxNxD + drop(y_BxNxD, deterministic))
+    if yp_BxLxD is not None:
+      p_BxLxD = layer_norm("atten_proj_layer_norm")(p_BxLxD + drop(yp_BxLxD, deterministic))
     h_BxNxD = ff(x_BxNxD, deterministic)
-    return layer_norm("final_layer_norm")(x_BxNxD + drop(h_BxNxD, deterministic)), None
+    return layer_norm("final_layer_norm")(x_BxNxD + drop(h_BxNxD, deterministic)), p_BxLxD
 
 
 def sinusoidal_table(num: int, dim: int) -> np.ndarray:
@@ -180,7 +183,8 @@ class Encoder(nn.Module):
     if n > cfg.max_len:
       raise ValueError(f"sequence length {n} exceeds the position table (max_len={cfg.max_len})")
     mask_BxN = (jnp.ones((b, n), bool) if cfg.pad_id is None else tokens_BxN != cfg.pad_id)
-    is_luna = cfg.attention == "luna"
+    # Luna's encoder is fairseq's: embeddings N(0, D**-0.5), an embedding LayerNorm, and P.
+    is_luna = carries_p(cfg)
     emb_std = d**-0.5 if is_luna else 1.0
 
     # Embeddings. Positions count real tokens from 1; pads get no position.
@@ -218,14 +222,14 @@ class Encoder(nn.Module):
       if p_mask_BxL is not None:
         p_BxLxD = p_BxLxD * p_mask_BxL[..., None]
 
-    layer_cls = LunaEncoderLayer if is_luna else EncoderLayer
+    layer_cls = EncoderLayer
     if cfg.remat:
       layer_cls = nn.remat(layer_cls, static_argnums=(5,))
     shared = layer_cls(cfg, name="layer") if cfg.tie_layer_weights else None
     for i in range(cfg.num_layers):
       layer = shared or layer_cls(cfg, name=f"layers_{i}")
       x_BxNxD, p_BxLxD = layer(x_BxNxD, mask_BxN, p_BxLxD, p_mask_BxL, deterministic)
-    if not is_luna and cfg.block == "pre_ln":
+    if cfg.block == "pre_ln":
       x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD)
 
     return readout(x_BxNxD, mask_BxN, cfg.readout)

@@ -16,8 +16,9 @@ Linear mechanisms also take `causal: bool` (parallel causal form) and expose
 `init_state(batch_size)` and `step(x_BxD, state) -> (y_BxD, state)` for token-by-token decoding
 with a state whose size does not depend on the sequence length.
 
-`get_attention(name)` returns the module class; an unknown name raises a ValueError listing the
-valid names.
+`get_attention(name)` returns the module class (any registered name, `luna_causal` included); an
+unknown name raises a ValueError listing the valid names. A mechanism whose class sets
+`carries_p = True` (Luna) gets a packed sequence P from the encoder and returns its update.
 """
 from __future__ import annotations
 
@@ -32,8 +33,13 @@ _REGISTRY = {
     "performer": "luna_jax.attention.performer:PerformerAttention",
     "learned_kernel": "luna_jax.attention.learned_kernel:LearnedKernelAttention",
     "cosformer": "luna_jax.attention.cosformer:CosformerAttention",
+    # Causal Luna (the official MT decoder form; `step`/`decode` for token-by-token use).
+    "luna_causal": "luna_jax.attention.luna_causal:LunaCausalAttention",
 }
-ATTENTION_NAMES = tuple(_REGISTRY)
+# The mechanisms an LRA classifier can use (config.model.attention): every bidirectional one.
+# Causal-only modules (luna_causal) are looked up by name too but are not LRA encoders.
+CAUSAL_ONLY = ("luna_causal",)
+ATTENTION_NAMES = tuple(n for n in _REGISTRY if n not in CAUSAL_ONLY)
 
 
 def get_attention(name: str):
@@ -41,6 +47,6 @@ def get_attention(name: str):
   if name not in _REGISTRY:
     raise ValueError(
         f"config.model.attention={name!r} is not a known attention; valid names: "
-        f"{', '.join(ATTENTION_NAMES)}")
+        f"{', '.join(_REGISTRY)}")
   module_name, cls_name = _REGISTRY[name].split(":")
   return getattr(importlib.import_module(module_name), cls_name)

@@ -106,6 +106,37 @@ def zero_masked(x_BxNx_: Array, mask_BxN: Array | None) -> Array:
   return x_BxNx_ * mask_BxN.reshape(shape).astype(x_BxNx_.dtype)
 
 
+IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def resolve_implementation(implementation: str, dtype: Dtype, dropout_active: bool) -> str:
+  """The attention path a softmax step takes (`implementation` of softmax and Luna):
+  "xla": einsum scores, float32 masked softmax, attention dropout, einsum with V.
+  "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention; GPU
+    only, 16-bit dtypes, no attention dropout, no attention maps, padding as key lengths (so it
+    assumes right padding, as every LRA task pads).
+  "auto": "cudnn" on a GPU with a 16-bit dtype and no active attention dropout, else "xla"."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; valid: {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  cudnn_ok = (jax.default_backend() == "gpu" and not dropout_active
+              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+  return "cudnn" if cudnn_ok else "xla"
+
+
+def fused_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
+                    key_mask_BxS: Array | None, *, scale: float, is_causal: bool = False,
+                    implementation: str | None = "cudnn") -> Array:
+  """`jax.nn.dot_product_attention` with a prefix key mask passed as key lengths (no [T, S]
+  mask is built). `implementation=None` is XLA's path (used by the CPU tests of the lengths
+  logic); "cudnn" the fused GPU kernel."""
+  lengths_B = None if key_mask_BxS is None else key_mask_BxS.sum(-1).astype(jnp.int32)
+  return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=scale,
+                                      is_causal=is_causal, key_value_seq_lengths=lengths_B,
+                                      implementation=implementation)
+
+
 def _fmix32(h: Array) -> Array:
   """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
   h = h ^ (h >> 16)

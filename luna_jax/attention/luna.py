@@ -22,13 +22,13 @@ Array = jax.Array
 
 class LunaAttention(nn.Module):
   """Luna attention: returns (unpacked output Y_X [B,N,D], packed context Y_P [B,l,D])."""
+  carries_p = True                 # the encoder keeps a packed sequence P for it (models.py)
   num_heads: int
   num_pack_heads: int = 0          # 0 -> num_heads
   tie_kv: bool = False
   dropout_rate: float = 0.0        # attention dropout, on both probability maps
   dtype: jnp.dtype = jnp.float32
-  use_flash: bool = False          # pack/unpack via jax.nn.dot_product_attention (cuDNN on GPU);
-                                   # assumes prefix masks (right padding), no attention maps
+  implementation: str = "xla"      # xla | cudnn | auto (common.resolve_implementation)
   qkv_dim: int = 0                 # must be 0 or D: the packed context has no output projection
 
   def _proj(self, name: str, d: int, gain: float) -> nn.Dense:
@@ -80,17 +80,13 @@ class LunaAttention(nn.Module):
   def _attend(self, q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
               key_mask_BxS: Array | None, name: str, deterministic: bool) -> Array:
     """Scaled-already softmax attention over S keys; sows the map when asked."""
-    fused = (self.use_flash and (deterministic or self.dropout_rate == 0.0)
-             and not self.is_mutable_collection("intermediates"))
-    if fused:
-      # cuDNN flash attention on GPU with 16-bit inputs, XLA's fused path otherwise. Key
-      # masks are prefixes here (right padding, dynamic projection), so lengths suffice.
-      cudnn = (jax.default_backend() == "gpu"
-               and jnp.dtype(self.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-      lengths_B = None if key_mask_BxS is None else key_mask_BxS.sum(-1).astype(jnp.int32)
-      return jax.nn.dot_product_attention(
-          q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=1.0, key_value_seq_lengths=lengths_B,
-          implementation="cudnn" if cudnn else None)
+    dropout_active = not deterministic and self.dropout_rate > 0.0
+    impl = common.resolve_implementation(self.implementation, self.dtype, dropout_active)
+    if impl == "cudnn" and not self.is_mutable_collection("intermediates"):
+      if dropout_active:
+        raise ValueError("implementation='cudnn' has no attention dropout; use 'xla' or 'auto'")
+      # Key masks are prefixes here (right padding, dynamic projection): lengths suffice.
+      return common.fused_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, key_mask_BxS, scale=1.0)
     s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
                            preferred_element_type=jnp.float32)
     mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]

@@ -1,12 +1,7 @@
 """Softmax (dot-product) attention, the quadratic baseline: softmax(Q K^T / sqrt(dh) + mask) V.
 
-`implementation`:
-* "xla": einsum scores, float32 masked softmax, attention dropout, einsum with V.
-* "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN flash attention;
-  padding is passed as key lengths, so it assumes right padding (as every LRA task pads);
-  GPU only, needs dtype bfloat16 or float16, no attention dropout.
-* "auto": "cudnn" when running on GPU with a 16-bit dtype and no active attention dropout
-  (deterministic or dropout_rate == 0), else "xla". Never "cudnn" on CPU or TPU.
+`implementation`: "xla" (default), "cudnn" or "auto", as for Luna
+(`common.resolve_implementation`).
 """
 from __future__ import annotations
 
@@ -19,20 +14,6 @@ import jax.numpy as jnp
 from luna_jax.attention import common
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "cudnn", "auto")
-
-
-def resolve_implementation(implementation: str, dtype: Any, dropout_active: bool) -> str:
-  """Maps "auto" to "xla" or "cudnn" for the current backend; checks the name."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation={implementation!r}; valid: {IMPLEMENTATIONS}")
-  if implementation != "auto":
-    return implementation
-  cudnn_ok = (jax.default_backend() == "gpu" and not dropout_active
-              and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-  return "cudnn" if cudnn_ok else "xla"
-
-
 class SoftmaxAttention(nn.Module):
   """Multi-head softmax attention with key-padding and optional causal masks."""
   num_heads: int
@@ -60,7 +41,7 @@ class SoftmaxAttention(nn.Module):
         common.split_heads(proj(name, e, d)(x_BxNxD), self.num_heads)
         for name in ("query", "key", "value"))
     dropout_active = not deterministic and self.dropout_rate > 0.0
-    impl = resolve_implementation(self.implementation, self.dtype, dropout_active)
+    impl = common.resolve_implementation(self.implementation, self.dtype, dropout_active)
     if self.is_mutable_collection("intermediates"):
       impl = "xla"   # inspection needs the weights, which the fused kernel does not return
     if impl == "cudnn" and dropout_active:
@@ -73,11 +54,8 @@ class SoftmaxAttention(nn.Module):
       keep_Bx1xNxN = causal_1x1xNxN if keep_Bx1x1xN is None else keep_Bx1x1xN & causal_1x1xNxN
 
     if impl == "cudnn":
-      # Padding as key lengths (the LRA tasks pad on the right), so no N x N mask is built.
-      lengths_B = None if mask_BxN is None else mask_BxN.sum(-1).astype(jnp.int32)
-      o_BxNxHxK = jax.nn.dot_product_attention(
-          q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, is_causal=self.causal,
-          key_value_seq_lengths=lengths_B, implementation="cudnn")
+      o_BxNxHxK = common.fused_attention(q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, mask_BxN,
+                                         scale=q_BxNxHxK.shape[-1]**-0.5, is_causal=self.causal)
     else:
       dh = q_BxNxHxK.shape[-1]
       scores_BxHxNxN = jnp.einsum("bqhk,bnhk->bhqn", q_BxNxHxK, k_BxNxHxK,

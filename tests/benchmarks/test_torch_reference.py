@@ -146,7 +146,7 @@ def test_torch_and_jax_layer_agree():
                            mlp_dim=ffn)
   params = convert.layer_params({f"layer_{k}": v for k, v in _flat(layer).items()}, "layer_")
   with jax.default_matmul_precision("highest"):
-    xo_j, po_j = models.LunaEncoderLayer(cfg).apply(
+    xo_j, po_j = models.EncoderLayer(cfg).apply(
         {"params": params}, np.swapaxes(x, 0, 1), ~x_pad, np.swapaxes(p, 0, 1), ~p_pad, True)
   np.testing.assert_allclose(np.swapaxes(np.asarray(xo_j), 0, 1), xo_t.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(np.swapaxes(np.asarray(po_j), 0, 1), po_t.numpy(), atol=TOL, rtol=0)

@@ -73,3 +73,15 @@ def test_cheap_linear_forms_default_normalisation():
   assert cheap(num_heads=H, form="paper")._normalization() == "none"
   with pytest.raises(ValueError, match="form"):
     cheap(num_heads=H, form="nope").init(jax.random.key(0), X, MASK)
+
+
+def test_registry_holds_every_mechanism_and_only_bidirectional_ones_are_encoders():
+  from luna_jax import attention
+  from luna_jax.attention.luna_causal import LunaCausalAttention
+  assert attention.get_attention("luna_causal") is LunaCausalAttention
+  assert "luna_causal" not in ATTENTION_NAMES and "luna" in ATTENTION_NAMES
+  assert getattr(get_attention("luna"), "carries_p", False)
+  assert not any(getattr(get_attention(n), "carries_p", False)
+                 for n in ATTENTION_NAMES if n != "luna")
+  with pytest.raises(ValueError, match="luna_causal"):   # the message lists every name
+    get_attention("nope")

@@ -144,15 +144,25 @@ def test_causal_parallel_equals_incremental_and_is_causal(tied):
   assert state["s"].shape == (B, H, D // H, L)            # fixed size, independent of N
 
 
-def test_fused_path_equals_reference():
+def test_key_length_attention_equals_masked_einsum():
+  """The fused path's lengths logic (XLA's implementation on CPU; cuDNN on GPU)."""
+  from luna_jax.attention import common
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, t, H, 8)).astype(np.float32))
+             for t in (5, 9, 9))
+  keep = jnp.arange(9)[None] < jnp.array([[9], [6]])
+  got = common.fused_attention(q, k, v, keep, scale=0.5, implementation=None)
+  s = jnp.einsum("bthk,bshk->bhts", q, k) * 0.5
+  a = common.masked_softmax(s, keep[:, None, None, :])
+  np.testing.assert_allclose(got, jnp.einsum("bhts,bshk->bthk", a, v), atol=1e-5)
+  # On CPU "auto" is the einsum path; "cudnn" is refused with attention dropout.
+  assert common.resolve_implementation("auto", jnp.bfloat16, False) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
   x, p, mask = _inputs()
-  p_mask = jnp.array([[True] * L, [True, True, True, False]])
-  ref = LunaAttention(num_heads=H)
-  params = ref.init(jax.random.key(1), x, mask, p)
-  y, yp = ref.apply(params, x, mask, p, p_mask)
-  y2, yp2 = LunaAttention(num_heads=H, use_flash=True).apply(params, x, mask, p, p_mask)
-  np.testing.assert_allclose(yp2, yp, atol=1e-5)
-  np.testing.assert_allclose(y2[mask], y[mask], atol=1e-5)
+  with pytest.raises(ValueError, match="dropout"):
+    LunaAttention(num_heads=H, implementation="cudnn", dropout_rate=0.1).init(
+        {"params": jax.random.key(1), "dropout": jax.random.key(2)}, x, mask, p,
+        deterministic=False)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
@@ -161,7 +171,7 @@ def test_cudnn_path_equals_reference_in_bfloat16():
   ref = LunaAttention(num_heads=H, dtype=jnp.bfloat16)
   params = ref.init(jax.random.key(1), x, mask, p)
   y, yp = ref.apply(params, x, mask, p)
-  y2, yp2 = LunaAttention(num_heads=H, dtype=jnp.bfloat16, use_flash=True).apply(
+  y2, yp2 = LunaAttention(num_heads=H, dtype=jnp.bfloat16, implementation="cudnn").apply(
       params, x, mask, p)
   tol = 3e-2   # bfloat16 inputs; both paths accumulate in float32
   np.testing.assert_allclose(np.asarray(yp2, np.float32), np.asarray(yp, np.float32), atol=tol)

@@ -8,7 +8,7 @@ import pytest
 
 from luna_jax import attention
 from luna_jax.attention.softmax import SoftmaxAttention
-from luna_jax.attention.softmax import resolve_implementation
+from luna_jax.attention.common import resolve_implementation
 
 B, N, D, H = 2, 10, 16, 2
 MASK = np.array([[1] * 10, [1] * 6 + [0] * 4], bool)
