@@ -38,9 +38,6 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

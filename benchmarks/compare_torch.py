@@ -56,8 +56,6 @@ import time
 from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the repository importable
-  sys.path.insert(0, str(REPO))
 
 IMPLS = ("torch", "jax")
 WHATS = ("attention", "layer")

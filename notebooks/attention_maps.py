@@ -44,14 +44,6 @@ MAX_CELLS = 128          # heatmaps are block-averaged to at most this many cell
 
 # %%
 import os
-import sys
-
-# Make the repository importable when the notebook runs from notebooks/.
-_root = os.path.abspath(os.getcwd())
-while not os.path.isdir(os.path.join(_root, "luna_jax")) and os.path.dirname(_root) != _root:
-  _root = os.path.dirname(_root)
-if _root not in sys.path:
-  sys.path.insert(0, _root)
 
 import numpy as np
 from IPython.display import Image, display
