@@ -4,6 +4,7 @@ import importlib
 import pytest
 
 from configs import common
+from luna_jax import trainer
 from luna_jax.attention import ATTENTION_NAMES
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -15,6 +16,7 @@ def test_every_task_and_attention_builds(task, attention):
   mod = importlib.import_module(f"configs.{task}")
   for arg in (attention, f"{attention},quick"):
     c = mod.get_config(arg)
+    trainer.validate_config(c)          # every shipped config passes the pre-compute checks
     assert c.task == task and c.model.attention == attention
     assert c.seq_len > 0 and c.batch_size > 0
     assert c.model.emb_dim % c.model.num_heads == 0
