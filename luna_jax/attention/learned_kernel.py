@@ -23,6 +23,9 @@ and the kernel phi(x)^T phi(y) is positive definite. Choices:
   same phi serves queries and keys. Gradients flow through the statistic. Whole-batch statistics
   see future tokens, so this is rejected with `causal=True` and in `step`.
 * eps = 1e-6 (not published). `dropout_rate` is unused: no attention matrix is ever formed.
+* Memory: psi's hidden activation is [tokens, H, m, hidden], 16x the features at the defaults.
+  The feature map runs over chunks of `feature_chunk` tokens, each recomputed in the backward
+  pass, so no activation larger than the features themselves is kept for the whole sequence.
 """
 from __future__ import annotations
 
@@ -57,6 +60,25 @@ def rms_factor(u_BxNxHxM: Array, mask_BxN: Array | None) -> Array:
   return jnp.minimum(1.0, RMS_TARGET * jax.lax.rsqrt(mean_M + 1e-12))
 
 
+def chunked_map(fn, x_BxNx_: Array, u_BxNx_: Array, chunk: int) -> Array:
+  """fn(x, u) over chunks of `chunk` tokens, each rematerialised in the backward pass: psi's
+  hidden activation [B, chunk, H, m, hidden] is the largest temporary, never [B, N, ...]."""
+  n = x_BxNx_.shape[1]
+  if chunk <= 0 or chunk >= n:
+    return fn(x_BxNx_, u_BxNx_)
+  pad = -n % chunk
+  if pad:
+    x_BxNx_, u_BxNx_ = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+                        for a in (x_BxNx_, u_BxNx_))
+  b, g = x_BxNx_.shape[0], (n + pad) // chunk
+
+  def to_chunks(a):   # [B, N, ...] -> [G, B, c, ...]
+    return a.reshape(b, g, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+  out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), (to_chunks(x_BxNx_), to_chunks(u_BxNx_)))
+  return out.swapaxes(0, 1).reshape(b, n + pad, *out.shape[3:])[:, :n]
+
+
 class LearnedKernelAttention(linear_common.LinearAttention):
   """Normalised linear attention with LUNA's learned positive feature map."""
   num_features: int = 32      # m
@@ -66,6 +88,7 @@ class LearnedKernelAttention(linear_common.LinearAttention):
   envelope: str = "none"
   rms_rescale: bool = False
   eps: float = 1e-6
+  feature_chunk: int = 256    # tokens per chunk of the feature map (0: all at once)
 
   @nn.compact
   def _forward(self, x_BxNxD: Array, mask_BxN: Array | None,
@@ -107,7 +130,8 @@ class LearnedKernelAttention(linear_common.LinearAttention):
         phi_BxNxHxF = phi_BxNxHxF * jax.nn.softplus(x_BxNxHxK @ env_a_K + env_c)[..., None]
       return phi_BxNxHxF
 
-    phi_q_BxNxHxF, phi_k_BxNxHxF = phi(xs[0], us[0]), phi(xs[1], us[1])
+    phi_q_BxNxHxF, phi_k_BxNxHxF = (chunked_map(phi, x, u, self.feature_chunk)
+                                    for x, u in zip(xs, us))
     if state is None:
       linear_common.sow_attention_map(self, phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN,
                                       is_causal=self.causal, eps=self.eps, mode="eps")

@@ -75,3 +75,25 @@ def test_rms_rescale_changes_outputs_but_not_through_padding():
   np.testing.assert_allclose(y[MASK], y2[MASK], atol=1e-5)
   y_plain = np.asarray(jax.jit(lambda x: module.apply(variables, x, MASK)[0])(X))
   assert not np.allclose(y[MASK], y_plain[MASK], atol=1e-4)   # the rescale is active
+
+
+def test_chunked_feature_map_is_exact_and_never_holds_the_hidden_activation():
+  from luna_jax.attention import get_attention
+  lk = get_attention("learned_kernel")
+  b, n, d, h = 2, 300, 32, 2
+  x = jax.random.normal(jax.random.key(0), (b, n, d))
+  mask = jnp.arange(n)[None] < jnp.array([[n], [200]])
+  whole, chunked = lk(num_heads=h, feature_chunk=0), lk(num_heads=h, feature_chunk=64)
+  v = whole.init(jax.random.key(1), x, mask)
+  np.testing.assert_allclose(chunked.apply(v, x, mask)[0], whole.apply(v, x, mask)[0],
+                             atol=1e-6)
+  loss = lambda m: lambda v: (m.apply(v, x, mask)[0] ** 2).sum()
+  for ga, gb in zip(jax.tree.leaves(jax.grad(loss(whole))(v)),
+                    jax.tree.leaves(jax.grad(loss(chunked))(v))):
+    np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-4 * float(jnp.abs(ga).max()))
+  # The hidden activation of psi, [B, N, H, m, hidden] float32, for q and k at N = 4096:
+  n_long = 4096
+  hidden_bytes = 2 * b * n_long * h * 32 * 64 * 4
+  grad = jax.jit(jax.grad(lambda v, xx: (chunked.apply(v, xx, None)[0] ** 2).sum()))
+  temp = grad.lower(v, jnp.zeros((b, n_long, d))).compile().memory_analysis().temp_size_in_bytes
+  assert temp < hidden_bytes / 4      # unchunked: more than hidden_bytes (790 MiB measured)
