@@ -47,3 +47,116 @@ def eval_batches(split: Sequence[dict[str, Any]], global_batch: int, max_example
     batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
     batch["weights"] = weights
     yield batch
+
+
+# ----------------------------------------------------------------------------- length buckets
+
+def bucket_lengths(seq_len: int, num_buckets: int, multiple: int = 64) -> tuple[int, ...]:
+  """`num_buckets` static sequence lengths up to `seq_len` (evenly spaced, rounded up to a
+  multiple of `multiple`; the last is seq_len itself): a handful of shapes, a handful of
+  compiles."""
+  if num_buckets <= 1:
+    return (seq_len,)
+  edges = {min(seq_len, -(-(seq_len * (i + 1) // num_buckets) // multiple) * multiple)
+           for i in range(num_buckets)}
+  return tuple(sorted(edges | {seq_len}))
+
+
+def padded_length(inputs: np.ndarray, pad_id: int) -> np.ndarray:
+  """Position after the last non-pad token along the last axis (0 if none), so that cropping
+  to it keeps every real token wherever padding sits."""
+  real = np.asarray(inputs) != pad_id
+  last = real.shape[-1] - np.argmax(real[..., ::-1], axis=-1)
+  return np.where(real.any(axis=-1), last, 0)
+
+
+def example_lengths(split: Sequence[dict[str, Any]], pad_id: int) -> np.ndarray:
+  """Length to keep per example (the longest document of two-document records): [n] int."""
+  out = np.zeros((len(split),), np.int64)
+  for i in range(len(split)):
+    out[i] = np.max(padded_length(np.asarray(split[i]["inputs"]), pad_id))
+  return out
+
+
+class BucketedBatches:
+  """Endless shuffled batches drawn from length buckets, each cropped to its bucket's length.
+
+  Epoch e: the examples are permuted with (seed, e); each goes to the smallest bucket that
+  holds it; every bucket is cut into global batches (a bucket's last partial batch is dropped
+  for that epoch, as `drop_remainder` does); the batch order is shuffled with (seed, e). A batch
+  is the same whatever the number of processes; process i gets rows [i * local, (i+1) * local).
+  Padding is masked everywhere, so a cropped batch computes what the uncropped one does.
+  `get_state` / `set_state` (JSON) resume at the very next batch.
+  """
+
+  def __init__(self, split: Sequence[dict[str, Any]], lengths: np.ndarray, global_batch: int,
+               seed: int, buckets: Sequence[int]):
+    self.split, self.lengths = split, np.asarray(lengths)
+    self.global_batch, self.seed, self.buckets = global_batch, seed, tuple(buckets)
+    self.n_proc, self.proc = jax.process_count(), jax.process_index()
+    if global_batch % self.n_proc:
+      raise ValueError(f"batch {global_batch} is not divisible by {self.n_proc} processes")
+    self.epoch, self.position = 0, 0
+    self._plan_epoch, self._plan = -1, []
+
+  def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """[(bucket length, example indices)] of one epoch, in order."""
+    if epoch != self._plan_epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      order = rng.permutation(len(self.lengths))
+      bucket_of = np.searchsorted(np.asarray(self.buckets), self.lengths[order])
+      batches = []
+      for b, length in enumerate(self.buckets):
+        members = order[bucket_of == b]
+        for start in range(0, len(members) - self.global_batch + 1, self.global_batch):
+          batches.append((length, members[start:start + self.global_batch]))
+      self._plan = [batches[i] for i in rng.permutation(len(batches))]
+      self._plan_epoch = epoch
+      if not self._plan:
+        raise ValueError(f"no bucket holds a full batch of {self.global_batch} examples")
+    return self._plan
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    plan = self.plan(self.epoch)
+    length, rows = plan[self.position]
+    self.position += 1
+    if self.position == len(plan):
+      self.epoch, self.position = self.epoch + 1, 0
+    local = self.global_batch // self.n_proc
+    records = [self.split[int(r)] for r in rows[self.proc * local:(self.proc + 1) * local]]
+    batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+    batch["inputs"] = batch["inputs"][..., :length]
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def bucketed_eval_batches(split: Sequence[dict[str, Any]], lengths: np.ndarray,
+                          global_batch: int, buckets: Sequence[int], max_examples: int = 0
+                          ) -> Iterator[dict[str, np.ndarray]]:
+  """`eval_batches` over the same examples (the first `max_examples`), grouped by bucket and
+  cropped to it; padded rows have weight 0. Sums over all batches equal the unbucketed ones."""
+  n = len(split) if max_examples <= 0 else min(len(split), max_examples)
+  n_proc, idx = jax.process_count(), jax.process_index()
+  local = global_batch // n_proc
+  bucket_of = np.searchsorted(np.asarray(buckets), np.asarray(lengths)[:n])
+  for b, length in enumerate(buckets):
+    members = np.flatnonzero(bucket_of == b)
+    for start in range(0, len(members), global_batch):
+      rows = members[start:start + global_batch][idx * local:(idx + 1) * local].tolist()
+      records = [split[r] for r in rows]
+      weights = np.zeros((local,), np.float32)
+      weights[:len(records)] = 1.0
+      filler = records[0] if records else split[int(members[0])]
+      records += [filler] * (local - len(records))
+      batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+      batch["inputs"] = batch["inputs"][..., :length]
+      batch["weights"] = weights
+      yield batch

@@ -55,6 +55,8 @@ class ModelConfig:
   positions: str = "learned"           # "learned" or "sinusoidal"
   embedding: str = "tokens"            # "tokens" or "linear" (pixel value / 255 through a Dense)
   readout: str = "cls"                 # cls | first | mean | mean_padded (module docstring)
+  readout_length: int = 0              # mean_padded divides by this (0: the input's N); set to
+                                       # config.seq_len so length-bucketed batches are exact
   classifier_dim: int = 256
   classifier_layers: int = 1           # hidden layers of the head: widths C, C/2, ...
   classifier_bias: bool = False        # bias on the head's last Dense (Luna: none)
@@ -232,21 +234,22 @@ class Encoder(nn.Module):
     if cfg.block == "pre_ln":
       x_BxNxD = layer_norm("final_layer_norm")(x_BxNxD)
 
-    return readout(x_BxNxD, mask_BxN, cfg.readout)
+    return readout(x_BxNxD, mask_BxN, cfg.readout, cfg.readout_length)
 
 
 READOUTS = ("cls", "first", "mean", "mean_padded")
 
 
-def readout(x_BxNxD: Array, mask_BxN: Array, kind: str) -> Array:
-  """Pooled features [B, D] (see the module docstring for the kinds)."""
+def readout(x_BxNxD: Array, mask_BxN: Array, kind: str, length: int = 0) -> Array:
+  """Pooled features [B, D] (see the module docstring for the kinds); `length` is the padded
+  length "mean_padded" divides by (0: N)."""
   if kind in ("cls", "first"):
     return x_BxNxD[:, 0]
   m_BxNx1 = mask_BxN[..., None].astype(x_BxNxD.dtype)
   if kind == "mean":
     return (x_BxNxD * m_BxNx1).sum(axis=1) / jnp.maximum(m_BxNx1.sum(axis=1), 1.0)
   if kind == "mean_padded":
-    return (x_BxNxD * m_BxNx1).mean(axis=1)
+    return (x_BxNxD * m_BxNx1).sum(axis=1) / (length or x_BxNxD.shape[1])
   raise ValueError(f"config.model.readout={kind!r}; expected one of {READOUTS}")
 
 

@@ -1,0 +1,154 @@
+r"""Conversion study: what a linear mechanism keeps of a trained softmax model.
+
+  python -m luna_jax.experiments.conversion --source runs/listops_quick_softmax \
+      --targets learned_kernel,linear_elu,performer,cheap_linear,cosformer,luna \
+      --steps 0,100,400 --root runs/conversion
+
+For every target mechanism and every N in --steps, two ordinary runs (own workdirs, resumable,
+same metrics as any run): `converted` starts from the source's best checkpoint
+(`config.init_from`, luna_jax/transfer.py) and fine-tunes N steps; `scratch` trains the same
+target from its usual initialisation for the same N steps. N = 0 evaluates the converted model as
+it is (and the untrained scratch model). Both use the source run's config (task, data, sizes,
+optimizer and schedule) with `model.attention` set to the target, `num_train_steps = N`, a warmup
+of min(source warmup, N / 4) steps and one validation at the end.
+
+Writes ROOT/conversion.md (table), ROOT/conversion.csv and ROOT/conversion.png: test accuracy
+recovered, converted / source (and scratch / source), against N.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+from luna_jax import trainer
+from luna_jax import workdir as wd
+
+TARGETS = ("learned_kernel", "linear_elu", "performer", "cheap_linear", "cosformer", "luna")
+
+
+def target_config(source: ml_collections.ConfigDict, target: str, steps: int,
+                  init_from: str | None) -> ml_collections.ConfigDict:
+  """The source run's config for `target`, fine-tuned (or trained) for `steps` steps."""
+  c = ml_collections.ConfigDict(source.to_dict())
+  c.model.attention = target
+  if target == "luna":          # Luna's own layer (post-LN, P updated per layer)
+    c.model.block = "post_ln"
+  c.num_train_steps = steps
+  c.warmup_steps = min(int(source.warmup_steps), max(steps // 4, 1))
+  c.eval_every = max(steps, 1)
+  c.checkpoint_every = max(steps, 1)
+  c.init_from = init_from or ""
+  c.protocol = "custom"
+  return c
+
+
+def run_point(source_dir: str, source: ml_collections.ConfigDict, target: str, steps: int,
+              kind: str, root: str) -> dict[str, Any]:
+  """One converted or scratch run; returns its results.json (rerun-safe: a finished workdir is
+  read, not retrained)."""
+  workdir = os.path.join(root, target, f"{kind}_n{steps}")
+  done = wd.read_json(wd.path(workdir, wd.RESULTS_FILE))
+  if done is not None and done.get("finished"):
+    return done
+  config = target_config(source, target, steps,
+                         os.path.abspath(source_dir) if kind == "converted" else None)
+  return trainer.train_and_evaluate(config, workdir)
+
+
+def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], root: str
+              ) -> list[dict[str, Any]]:
+  """Every (target, N, converted|scratch) run; returns the table rows."""
+  source = wd.load_config(source_dir)
+  source_results = wd.read_json(wd.path(source_dir, wd.RESULTS_FILE))
+  if source_results is None or "test_accuracy" not in source_results:
+    raise ValueError(f"--source {source_dir}: no finished run (results.json with test_accuracy)")
+  base = float(source_results["test_accuracy"])
+  rows = []
+  for target in targets:
+    for n in steps:
+      row = {"target": target, "steps": n, "source_test_accuracy": base}
+      for kind in ("converted", "scratch"):
+        res = run_point(source_dir, source, target, n, kind, root)
+        acc = float(res["test_accuracy"])
+        row[f"{kind}_test_accuracy"] = acc
+        row[f"{kind}_recovered"] = acc / base if base > 0 else float("nan")
+        row[f"{kind}_majority"] = float(res.get("test_majority_accuracy", float("nan")))
+      rows.append(row)
+      print(f"{target} N={n}: converted {row['converted_test_accuracy']:.4f} "
+            f"({100 * row['converted_recovered']:.1f}% of source {base:.4f}), scratch "
+            f"{row['scratch_test_accuracy']:.4f}", flush=True)
+  return rows
+
+
+def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dict[str, str]:
+  """conversion.md, conversion.csv and conversion.png under `root`."""
+  os.makedirs(root, exist_ok=True)
+  files = {k: os.path.join(root, f"conversion.{k}") for k in ("md", "csv", "png")}
+  fields = list(rows[0]) if rows else []
+  with open(files["csv"], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+  base = rows[0]["source_test_accuracy"] if rows else float("nan")
+  majority = rows[0].get("converted_majority", float("nan")) if rows else float("nan")
+  lines = [f"# Conversion study: {source_dir}", "",
+           f"Source (softmax) test accuracy {base:.4f}; test majority class {majority:.4f}. "
+           "`recovered` = test accuracy / source test accuracy.", "",
+           "| target | fine-tune steps N | converted test acc. | converted recovered | "
+           "scratch test acc. | scratch recovered |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['target']} | {r['steps']} | {r['converted_test_accuracy']:.4f} | "
+                 f"{100 * r['converted_recovered']:.1f}% | {r['scratch_test_accuracy']:.4f} | "
+                 f"{100 * r['scratch_recovered']:.1f}% |")
+  with open(files["md"], "w") as f:
+    f.write("\n".join(lines) + "\n")
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  for i, target in enumerate(dict.fromkeys(r["target"] for r in rows)):
+    pts = [r for r in rows if r["target"] == target]
+    ns = [r["steps"] for r in pts]
+    ax.plot(ns, [100 * r["converted_recovered"] for r in pts], "o-", color=f"C{i}",
+            label=f"{target} converted")
+    ax.plot(ns, [100 * r["scratch_recovered"] for r in pts], "x--", color=f"C{i}", alpha=0.6,
+            label=f"{target} scratch")
+  ax.axhline(100, color="gray", lw=0.8)
+  if base == base and base > 0 and majority == majority:
+    ax.axhline(100 * majority / base, color="gray", lw=0.8, ls=":", label="majority class")
+  ax.set_xlabel("fine-tuning steps N")
+  ax.set_ylabel("test accuracy / source's (%)")
+  ax.set_title(f"Accuracy recovered after converting the softmax model\n{source_dir}",
+               fontsize=8)
+  ax.legend(fontsize=6, ncol=2)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(files["png"], dpi=100)
+  return files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m luna_jax.experiments.conversion",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--source", required=True, help="workdir of a finished (softmax) run")
+  parser.add_argument("--targets", default=",".join(TARGETS))
+  parser.add_argument("--steps", default="0,100,400", help="fine-tuning steps, comma-separated")
+  parser.add_argument("--root", required=True, help="folder for the runs and the table")
+  args = parser.parse_args(argv)
+  targets = [t for t in args.targets.split(",") if t]
+  steps = [int(s) for s in args.steps.split(",") if s]
+  rows = run_study(args.source, targets, steps, args.root)
+  files = write_outputs(rows, args.root, args.source)
+  print(open(files["md"]).read())
+  print(json.dumps(files), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
