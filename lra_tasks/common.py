@@ -10,6 +10,15 @@ records are dicts of numpy arrays:
 `seq_len` is the full length the model sees (special tokens such as CLS included), already
 truncated and padded with `pad_id`. Tasks without padding (Image, Pathfinder) set pad_id=None:
 every position is a real token, so no pixel value is ever treated as padding.
+
+Nothing is dropped or changed silently. Every split must hold at least one example
+(`check_splits`, which the trainer calls; `TaskData.sources` says where each split came from);
+readers log counted warnings (logger `lra_tasks.<task>`, one line per file)
+for what they keep but alter: ListOps rows longer than `seq_len` are truncated, or refused with
+`config.allow_truncation=False` (a truncated expression may have another value). Text and
+Retrieval documents are cut to `seq_len` bytes by the LRA protocol itself (Retrieval counts
+them in its notice); empty Retrieval documents are counted warnings. Notices (data generation,
+decoding progress) are INFO lines of the same loggers; train.py shows them on the console.
 """
 from __future__ import annotations
 
@@ -35,10 +44,22 @@ class TaskData:
   # Where the data came from, for results.json: {"source": "official", "files": {name:
   # sha256}} or {"source": "generated", "generator": module, "settings": {...}}.
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Where each split comes from (a file, a folder, the config fields of generated data), for
+  # messages such as an empty split's.
+  sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class DataError(ValueError):
   """Bad or missing input data; the message names the file (and line) and what was expected."""
+
+
+def check_splits(task: TaskData, default_source: str = "") -> None:
+  """DataError naming the source (file, folder or config field) of the first empty split."""
+  for split in SPLITS:
+    if len(task.splits[split]) == 0:
+      source = task.sources.get(split, default_source)
+      raise DataError(f"{task.name}: the {split} split is empty ({source}); every split needs "
+                      "at least one example")
 
 
 def uses_cls(config: Any) -> bool:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -23,6 +24,8 @@ import numpy as np
 
 from lra_tasks.common import (DataError, TaskData, default_cache_dir, official_provenance,
                               uses_cls)
+
+log = logging.getLogger(__name__)
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -69,10 +72,16 @@ class GeneratorSettings:
   seed: int = 0
 
   def __post_init__(self):
-    if min(self.num_train, self.num_val, self.num_test) < 0:
-      raise ValueError(f"negative example counts in {self}")
-    if self.max_depth < 1 or self.max_args < 2 or self.min_length >= self.max_length - 1:
-      raise ValueError(f"need max_depth >= 1, max_args >= 2, min_length < max_length - 1: {self}")
+    for name in ("num_train", "num_val", "num_test"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+    if self.max_depth < 1:
+      raise ValueError(f"max_depth={self.max_depth} must be >= 1")
+    if self.max_args < 2:
+      raise ValueError(f"max_args={self.max_args} must be >= 2")
+    if self.min_length >= self.max_length - 1:
+      raise ValueError(f"min_length={self.min_length} must be < max_length - 1 = "
+                       f"{self.max_length - 1}")
 
   def short_hash(self) -> str:
     """A short stable hash of these settings and the generator version."""
@@ -447,16 +456,31 @@ def _parse_chunk_fast(data: bytes, seq_len: int, dtype: Any
     ends = np.minimum(tabs, line_starts + seq_len - 1).tolist()
     for i, (start, end) in enumerate(zip(line_starts.tolist(), ends)):
       rows[i, 1:1 + end - start] = ids[start:end]
-  return rows, targets
+  return rows, targets, tabs - line_starts
 
 
-def read_tsv(path: str, seq_len: int, dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
-  """Reads an official ListOps TSV: (inputs [n, seq_len], targets int32 [n])."""
+def _num_symbols(line: bytes) -> int:
+  """Symbols of the Source column of a line that _parse_line accepted."""
+  return len(_split_tokens(line.decode("utf-8").split("\t")[0]))
+
+
+def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation: bool = True
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Reads an official ListOps TSV: (inputs [n, seq_len], targets int32 [n]).
+
+  Row i is CLS then the symbols of line i. Rows with more symbols than fit (seq_len - 1) are
+  truncated and counted in one warning naming the file, or, with allow_truncation=False,
+  refused (DataError naming the first such line). A file without data rows is a DataError.
+  """
   if not os.path.isfile(path):
     raise DataError(f"ListOps file {path} not found. {_DOWNLOAD_HELP}")
-  inputs, targets = [], []
+  inputs, targets, lengths, lines = [], [], [], []
   with open(path, "rb") as f:
-    header = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+    raw_header = f.readline()
+    if raw_header.startswith(b"\xef\xbb\xbf"):
+      raise DataError(f"{path}:1: the file starts with a UTF-8 byte order mark (BOM, bytes "
+                      "EF BB BF); save it as plain UTF-8 without a BOM")
+    header = raw_header.decode("utf-8", "replace").rstrip("\r\n")
     if header.split("\t") != ["Source", "Target"]:
       raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {header[:80]!r}")
     line_no = 2  # Of the first line of the next chunk.
@@ -473,21 +497,47 @@ def read_tsv(path: str, seq_len: int, dtype: Any = np.int32) -> tuple[np.ndarray
         data, rest = data[:cut], data[cut:]
       if data:
         fast = _parse_chunk_fast(data, seq_len, dtype)
-        if fast is None:  # Unusual or bad lines: parse one by one for exact errors.
-          rows = []
+        if fast is not None:
+          fast = fast + (line_no + np.arange(len(fast[1])),)
+        else:  # Unusual or bad lines: parse one by one for exact errors.
+          rows, counts, numbers = [], [], []
           for i, line in enumerate(data.split(b"\n")[:-1]):
             row = _parse_line(line, f"{path}:{line_no + i}", seq_len, dtype)
             if row is not None:
               rows.append(row)
+              counts.append(_num_symbols(line))
+              numbers.append(line_no + i)
           fast = (np.stack([r for r, _ in rows]) if rows else np.zeros((0, seq_len), dtype),
-                  np.array([t for _, t in rows], np.int32))
-        inputs.append(fast[0])
-        targets.append(fast[1])
+                  np.array([t for _, t in rows], np.int32), np.array(counts, np.int64),
+                  np.array(numbers, np.int64))
+        for out, part in zip((inputs, targets, lengths, lines), fast):
+          out.append(part)
         line_no += data.count(b"\n")
       if not block:
         break
-  return (np.concatenate(inputs) if inputs else np.zeros((0, seq_len), dtype),
-          np.concatenate(targets).astype(np.int32) if targets else np.zeros(0, np.int32))
+  if not sum(len(t) for t in targets):
+    raise DataError(f"{path}: no data rows after the header; expected lines "
+                    "'<source><TAB><target 0..9>'")
+  _check_lengths(path, np.concatenate(lengths), np.concatenate(lines), seq_len - 1,
+                 allow_truncation)
+  return np.concatenate(inputs), np.concatenate(targets).astype(np.int32)
+
+
+def _check_lengths(path: str, lengths: np.ndarray, lines: np.ndarray, capacity: int,
+                   allow_truncation: bool) -> None:
+  """Counts (or, unless allowed, refuses) rows with more than `capacity` symbols."""
+  long = np.flatnonzero(lengths > capacity)
+  if not long.size:
+    return
+  first = int(long[0])
+  if not allow_truncation:
+    raise DataError(f"{path}:{lines[first]}: {lengths[first]} symbols, more than the "
+                    f"{capacity} that fit in config.seq_len; config.allow_truncation=false "
+                    "refuses truncated rows (raise config.seq_len, or allow truncation)")
+  log.warning("ListOps: %d of %d rows of %s have more than the %d symbols that fit in "
+              "config.seq_len and were truncated (first: line %d); a truncated expression "
+              "may not have its label. --config.allow_truncation=false refuses them",
+              long.size, lengths.size, path, capacity, lines[first])
 
 
 class _Records:
@@ -506,21 +556,29 @@ class _Records:
 
 
 def _settings(config: Any) -> GeneratorSettings:
+  """The generator settings of `config.listops`; DataError naming the field if out of range."""
   c = config.listops
-  return GeneratorSettings(
-      num_train=int(c.num_train), num_val=int(c.num_val), num_test=int(c.num_test),
-      min_length=int(c.min_length), max_length=int(c.max_length),
-      max_depth=int(c.max_depth), max_args=int(c.max_args), seed=int(c.seed))
+  for name in ("num_train", "num_val", "num_test"):
+    if not config.data_dir and int(c[name]) < 1:
+      raise DataError(f"config.listops.{name}={c[name]} must be >= 1: every split needs rows")
+  try:
+    return GeneratorSettings(
+        num_train=int(c.num_train), num_val=int(c.num_val), num_test=int(c.num_test),
+        min_length=int(c.min_length), max_length=int(c.max_length),
+        max_depth=int(c.max_depth), max_args=int(c.max_args), seed=int(c.seed))
+  except ValueError as e:
+    raise DataError(f"config.listops.{e}") from None
 
 
 def cached_data_dir(s: GeneratorSettings) -> str:
   """The folder holding generated data for settings `s`, generating it on first use."""
   folder = os.path.join(default_cache_dir(), "listops", s.short_hash())
-  if all(os.path.isfile(os.path.join(folder, f)) for f in SPLIT_FILES.values()):
-    logging.info("ListOps: using generated data in %s", folder)
-  else:
-    logging.info("ListOps: generating %s into %s", s, folder)
+  if not all(os.path.isfile(os.path.join(folder, f)) for f in SPLIT_FILES.values()):
+    t0 = time.time()
+    log.info("ListOps: generating %d train, %d validation and %d test examples into %s "
+             "(once; later runs reuse them)", s.num_train, s.num_val, s.num_test, folder)
     generate_files(folder, s)
+    log.info("ListOps: generated in %.0f s", time.time() - t0)
   return folder
 
 
@@ -536,7 +594,8 @@ def load(config: Any) -> TaskData:
   for split, name in SPLIT_FILES.items():
     # The reader writes CLS first; without CLS read one column more and drop it.
     inputs, targets = read_tsv(os.path.join(data_dir, name), config.seq_len + (not cls),
-                               np.uint8)
+                               np.uint8,
+                               allow_truncation=bool(config.get("allow_truncation", True)))
     if not cls:
       inputs = np.ascontiguousarray(inputs[:, 1:])
     splits[split] = grain.MapDataset.source(_Records(inputs, targets))
@@ -548,7 +607,8 @@ def load(config: Any) -> TaskData:
                   "settings": dataclasses.asdict(settings)}
   return TaskData(name="listops", splits=splits, vocab_size=VOCAB_SIZE,
                   num_classes=NUM_CLASSES, seq_len=config.seq_len, pad_id=PAD_ID,
-                  provenance=provenance)
+                  provenance=provenance,
+                  sources={s: os.path.join(data_dir, n) for s, n in SPLIT_FILES.items()})
 
 
 # ------------------------------------------------------------------------------ CLI

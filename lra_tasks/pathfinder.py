@@ -16,9 +16,11 @@ Data layout (the LRA release `lra_release.gz`):
 `lra_release/pathfinder128` (Path-X); `lra_release/` itself or the difficulty folder are
 found too. Metadata files are read in numeric order, then one seeded permutation of all
 records gives the 80/10/10 train/validation/test split. Empty or unreadable images are skipped
-(and counted in the log) after splitting, so one bad file does not move the others.
+(and counted in the log) after splitting, so one bad file does not move the others; an image of
+another size or of a PNG mode other than 8-bit grayscale ('L') is an error naming the file.
 Decoded pixels are cached as .npy under `default_cache_dir()/pathfinder/decoded/`, keyed by the
-folder path and the metadata files' and image folders' sizes and times, and memory-mapped.
+folder path, the metadata files' sizes and times and every listed image's size and modification
+time (an image rewritten in place is decoded again), and memory-mapped.
 
 With `config.data_dir` empty, `config.pathfinder.num_images` images are made once by
 `lra_tasks.pathfinder_generator` under
@@ -46,6 +48,8 @@ from PIL import Image
 from lra_tasks import pathfinder_generator
 from lra_tasks.common import (DataError, TaskData, default_cache_dir, official_provenance,
                               uses_cls)
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
 CLS_ID = 256
@@ -155,7 +159,10 @@ def _decode(record: MetadataRecord, resolution: int) -> np.ndarray | None:
             f"{image.size[1]}, expected {resolution}x{resolution} "
             f"(config.pathfinder.resolution={resolution})")
       if image.mode != "L":
-        image = image.convert("L")
+        raise DataError(
+            f"{record.path} (listed in {record.source}): PNG mode {image.mode!r}, expected "
+            "8-bit grayscale 'L' as in the LRA release; convert the images (PIL: "
+            "image.convert('L')) or check that data_dir points at Pathfinder data")
       return np.asarray(image, dtype=np.uint8)
   except DataError:
     raise
@@ -177,34 +184,39 @@ def _decode_all(records: list[MetadataRecord], resolution: int,
       pixels[i] = image
       labels[i] = record.label
     if (i + 1) % _LOG_EVERY == 0:
-      logging.info("Pathfinder: decoded %d of %d images (%.0f images/s)", i + 1, len(records),
-                   (i + 1) / max(time.time() - t0, 1e-9))
+      log.info("Pathfinder: decoded %d of %d images (%.0f images/s)", i + 1, len(records),
+               (i + 1) / max(time.time() - t0, 1e-9))
   return labels, tuple(skipped)
 
 
-def _cache_key(folder: str, resolution: int) -> str:
-  """Hash of what the decoded pixels depend on (paths, sizes and times, not contents)."""
+def _cache_key(folder: str, resolution: int, records: list[MetadataRecord]) -> str:
+  """Hash of what the decoded pixels depend on: the metadata files and every listed image's
+  path, size and modification time (an image rewritten in place changes the key)."""
   stats = []
   for path in _metadata_files(folder):
     st = os.stat(path)
     stats.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
-  imgs = os.path.join(folder, "imgs")
-  if os.path.isdir(imgs):
-    with os.scandir(imgs) as entries:
-      stats.extend(sorted((e.name, e.stat().st_mtime_ns) for e in entries))
+  for record in records:
+    try:
+      st = os.stat(record.path)
+      stats.append((record.path, st.st_size, st.st_mtime_ns))
+    except OSError:
+      stats.append((record.path, -1, -1))
   blob = json.dumps([_CACHE_VERSION, os.path.realpath(folder), resolution, stats])
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def read_images(folder: str, resolution: int, cache: bool = True) -> PathfinderImages:
   """Reads (or loads from the decode cache) every image of a difficulty folder."""
+  records = read_metadata(folder)
   cache_dir = os.path.join(default_cache_dir(), "pathfinder", "decoded",
-                           _cache_key(folder, resolution)) if cache else None
+                           _cache_key(folder, resolution, records)) if cache else None
   if cache_dir and os.path.exists(os.path.join(cache_dir, "info.json")):
     images = _load_cached(cache_dir)
     _log_skipped(folder, images)
     return images
-  records = read_metadata(folder)
+  log.info("Pathfinder: decoding %d images of %s (once; later runs reuse them)", len(records),
+           folder)
   t0 = time.time()
   tmp = None
   if cache_dir:
@@ -212,7 +224,7 @@ def read_images(folder: str, resolution: int, cache: bool = True) -> PathfinderI
       os.makedirs(os.path.dirname(cache_dir), exist_ok=True)
       tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(cache_dir))
     except OSError as e:
-      logging.warning("Pathfinder: cannot write the decode cache (%s); decoding in memory", e)
+      log.warning("Pathfinder: cannot write the decode cache (%s); decoding in memory", e)
   try:
     shape = (len(records), resolution, resolution)
     if tmp:
@@ -223,8 +235,8 @@ def read_images(folder: str, resolution: int, cache: bool = True) -> PathfinderI
     if len(skipped) == len(records):
       raise DataError(f"{folder}: none of the {len(records)} images listed in metadata/ could "
                       f"be read (first: {records[0].path})")
-    logging.info("Pathfinder: decoded %d images of %s in %.1f s", len(records), folder,
-                 time.time() - t0)
+    log.info("Pathfinder: decoded %d images of %s in %.1f s", len(records), folder,
+             time.time() - t0)
     if tmp:
       pixels.flush()
       del pixels
@@ -257,9 +269,9 @@ def _load_cached(cache_dir: str) -> PathfinderImages:
 
 def _log_skipped(folder: str, images: PathfinderImages) -> None:
   if images.skipped:
-    logging.warning("Pathfinder: skipped %d of %d images in %s (empty, unreadable or "
-                    "missing), e.g. %s", len(images.skipped), images.num_records, folder,
-                    images.skipped[0])
+    log.warning("Pathfinder: skipped %d of %d images in %s (empty, unreadable or "
+                "missing), e.g. %s", len(images.skipped), images.num_records, folder,
+                images.skipped[0])
 
 
 def split_positions(num_records: int, seed: int) -> dict[str, np.ndarray]:
@@ -322,8 +334,9 @@ def generated_data_dir(resolution: int, difficulty: str, num_images: int, seed: 
   tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
   try:
     workers = min(os.cpu_count() or 1, 4) if num_images >= 4000 else 1
-    logging.info("Pathfinder: generating %d %dx%d images (%s, seed %d) into %s", num_images,
-                 resolution, resolution, difficulty, seed, base)
+    log.info("Pathfinder: generating %d %dx%d images (%s, seed %d) with %d worker(s) into %s "
+             "(once; later runs reuse them)", num_images, resolution, resolution, difficulty,
+             seed, workers, base)
     pathfinder_generator.generate(tmp, resolution, difficulty, num_images, seed,
                                   workers=workers)
     try:
@@ -372,6 +385,9 @@ def load(config: Any) -> TaskData:
   for split, positions in split_positions(images.num_records, int(pf.split_seed)).items():
     rows = positions[kept[positions]]
     splits[split] = grain.MapDataset.source(PixelRecords(images, rows, cls))
+  source = (f"{folder}, {int(kept.sum())} readable images" if config.data_dir else
+            f"config.pathfinder.num_images={int(pf.num_images)} is too few")
   return TaskData(name="pathx" if resolution == 128 else "pathfinder", splits=splits,
                   vocab_size=PIXEL_VOCAB + int(cls), num_classes=NUM_CLASSES, seq_len=seq_len,
-                  pad_id=None, provenance=provenance)
+                  pad_id=None, provenance=provenance,
+                  sources=dict.fromkeys(splits, source))

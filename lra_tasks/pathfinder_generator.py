@@ -65,6 +65,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 DIFFICULTIES: dict[str, int] = {
     "curv_baseline": 6,
     "curv_contour_length_9": 9,
@@ -587,8 +589,8 @@ def generate(out_dir: str, resolution: int = 32, difficulty: str = "curv_contour
     nonlocal made
     made += count
     elapsed = time.time() - t0
-    logging.info("Pathfinder generator: %d new images in %.1f s (%.0f images/s)", made,
-                 elapsed, made / max(elapsed, 1e-9))
+    log.info("Pathfinder generator: %d of %d images in %.0f s (%.0f images/s)", made,
+             num_images, elapsed, made / max(elapsed, 1e-9))
 
   if workers <= 1 or len(jobs) == 1:
     for job in jobs:

@@ -5,7 +5,9 @@ Reads the release TSVs `new_aan_pairs.{train,eval,test}.tsv` (train / validation
 text2` with no header; the label parses as a float that must be 0 or 1 ("1.0", "0", ...). A line
 with any other number of fields is an error naming the file and line: a tab inside a document
 would make the split between the two texts ambiguous, and the release has none. Empty lines are
-skipped. Lines are read as raw bytes, so the tokens are the UTF-8 bytes of the file.
+skipped. Lines are read as raw bytes, so the tokens are the UTF-8 bytes of the file (a file
+starting with a UTF-8 BOM is an error). Empty documents are kept and counted in a warning;
+documents cut to `seq_len` are counted in a notice.
 
 Records are `{"inputs": int32[2, seq_len], "targets": int32[]}`: row 0 is text1, row 1 is text2,
 each tokenized on its own with `lra_tasks.bytes` (byte b is b + 1, pad 0, and with
@@ -21,6 +23,7 @@ Config fields: `data_dir` (the `lra_release/tsv_data/` folder; a folder holding 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -30,6 +33,8 @@ import numpy as np
 
 from lra_tasks import bytes as byte_tokens
 from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
+
+log = logging.getLogger(__name__)
 
 FILES = {"train": "new_aan_pairs.train.tsv", "validation": "new_aan_pairs.eval.tsv",
          "test": "new_aan_pairs.test.tsv"}
@@ -71,6 +76,9 @@ def _parse_label(raw: bytes, path: str, lineno: int) -> int:
   except ValueError:
     value = math.nan
   if value not in (0.0, 1.0):
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+      raise DataError(f"{path}, line 1: the file starts with a UTF-8 byte order mark (BOM, "
+                      "bytes EF BB BF); save it as plain UTF-8 without a BOM")
     raise DataError(f"{path}, line {lineno}: label {raw.decode('utf-8', 'replace')!r} is not 0 "
                     f"or 1; expected a float label 0/1 (e.g. '1.0' or '0') in the first of "
                     f"{NUM_FIELDS} tab-separated fields ({_FIELDS_DOC}).")
@@ -83,6 +91,7 @@ def read_tsv(path: str | epath.PathLike, max_doc_bytes: int) -> DocumentPairs:
   data = bytearray()   # Grows in place: peak memory stays near the final buffer size.
   ends: list[int] = []
   labels: list[int] = []
+  truncated, empty, first_empty = 0, 0, 0
   with path.open("rb") as f:
     for lineno, line in enumerate(f, start=1):
       if line.endswith(b"\n"):
@@ -96,13 +105,23 @@ def read_tsv(path: str | epath.PathLike, max_doc_bytes: int) -> DocumentPairs:
         raise DataError(f"{path}, line {lineno}: expected {NUM_FIELDS} tab-separated fields "
                         f"({_FIELDS_DOC}), found {len(fields)}.")
       labels.append(_parse_label(fields[0], str(path), lineno))
-      data += memoryview(fields[3])[:max_doc_bytes]
-      ends.append(len(data))
-      data += memoryview(fields[4])[:max_doc_bytes]
-      ends.append(len(data))
+      for doc in (fields[3], fields[4]):
+        if not doc.strip():
+          empty += 1
+          first_empty = first_empty or lineno
+        truncated += len(doc) > max_doc_bytes
+        data += memoryview(doc)[:max_doc_bytes]
+        ends.append(len(data))
   if not labels:
     raise DataError(f"{path} holds no rows; expected lines of {NUM_FIELDS} tab-separated fields "
                     f"({_FIELDS_DOC}).")
+  if empty:
+    log.warning("Retrieval: %d of %d documents in %s are empty (first on line %d); they are "
+                "kept as documents without bytes", empty, 2 * len(labels), path, first_empty)
+  if truncated:
+    log.info("Retrieval: %d of %d documents in %s are longer than %d bytes and were cut to "
+             "their first %d (the LRA protocol)", truncated, 2 * len(labels), path,
+             max_doc_bytes, max_doc_bytes)
   offsets = np.asarray([0] + ends, np.int64)
   return DocumentPairs(np.frombuffer(data, np.uint8), offsets, np.asarray(labels, np.int32),
                        str(path))
@@ -152,4 +171,5 @@ def load(config: Any) -> TaskData:
   return TaskData(name="retrieval", splits=splits,
                   vocab_size=byte_tokens.vocab_size(cls=cls, eos=eos), num_classes=NUM_CLASSES,
                   seq_len=seq_len, pad_id=byte_tokens.PAD_ID, num_docs=2,
-                  provenance=official_provenance([folder / n for n in FILES.values()]))
+                  provenance=official_provenance([folder / n for n in FILES.values()]),
+                  sources={s: str(folder / n) for s, n in FILES.items()})

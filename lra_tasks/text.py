@@ -4,7 +4,8 @@ Records are `{"inputs": int32[seq_len], "targets": int32[]}` (0 = negative, 1 = 
 Token ids come from `lra_tasks.bytes`: byte b is b + 1, pad is 0, CLS 257, EOS 258. With
 `config.model.readout == "cls"` (the default here, as in Luna) a review reads
 `[CLS, bytes..., EOS, 0...]`, so Luna's 4000 bytes need `seq_len = 4002`; otherwise only bytes
-and padding. Splits: train = TFDS `train`; validation = test = TFDS `test` (LRA reuses the test
+and padding. Longer reviews are cut (the LRA protocol); records are tokenized lazily, so they are
+not counted. Splits: train = TFDS `train`; validation = test = TFDS `test` (LRA reuses the test
 set for validation).
 
 Config fields: `data_dir` (the TFDS data dir holding `imdb_reviews/plain_text/<version>/`, or
@@ -139,4 +140,7 @@ def load(config: Any) -> TaskData:
   return TaskData(name="text", splits={"train": train, "validation": test, "test": test},
                   vocab_size=byte_tokens.vocab_size(cls=cls, eos=eos),
                   num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=byte_tokens.PAD_ID,
-                  provenance=tfds_provenance(builder))
+                  provenance=tfds_provenance(builder),
+                  sources={"train": f"{builder.data_dir}, TFDS split 'train'",
+                           "validation": f"{builder.data_dir}, TFDS split 'test'",
+                           "test": f"{builder.data_dir}, TFDS split 'test'"})

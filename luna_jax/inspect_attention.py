@@ -28,17 +28,14 @@ without `mutable`, so they compute and keep none of it. Keys, per attention modu
 Maps that are N x N are refused above `max_dense_len` tokens (ValueError). For the Retrieval
 dual encoder the batch axis is `2 * B` in the order (example 0 doc 0, example 0 doc 1, ...).
 
-Checkpoints: `load_config(workdir)` reads WORKDIR/config.json and `load_params(workdir)`
-restores the parameters of the best-validation checkpoint (WORKDIR/best/<step>) or of the latest
-training checkpoint (WORKDIR/checkpoints/<step>/state) onto one local device, whatever topology
-they were saved from.
+Checkpoints: `load_config(workdir)` reads the run's config and `load_params(workdir)` restores
+the parameters of the best-validation checkpoint or of the latest training checkpoint onto one
+local device, whatever topology they were saved from (both live in `luna_jax.workdir`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
 from typing import Any, Mapping
 
@@ -47,10 +44,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 import lra_tasks
-from luna_jax import models
+from luna_jax import models, workdir as wd
 
 PACK_KEY = "pack_attn"
 UNPACK_KEY = "unpack_attn"
@@ -252,48 +248,11 @@ def kernel_attention_map(phi_q_BxNxHxF: np.ndarray, phi_k_BxNxHxF: np.ndarray,
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The training config saved in WORKDIR/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no config.json in {workdir!r}: not a train_and_evaluate workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _local_target(tree: Any) -> Any:
-  """Abstract arrays on the first local device, shaped like checkpoint metadata `tree`."""
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+  """The training config saved in the workdir (`luna_jax.workdir.load_config`)."""
+  return wd.load_config(workdir)
 
 
 def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, params, step) of a train_and_evaluate workdir.
-
-  Args:
-    workdir: the training workdir.
-    which: "best" (WORKDIR/best/<step>, params only), "latest" (the newest training checkpoint
-      WORKDIR/checkpoints/<step>/state) or "auto" (best if present, else latest).
-  """
-  if which not in ("auto", "best", "latest"):
-    raise ValueError(f"which={which!r}; expected 'auto', 'best' or 'latest'")
-  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
-  config = load_config(workdir)
-  best_dir, ckpt_dir = os.path.join(workdir, "best"), os.path.join(workdir, "checkpoints")
-  # Restore targets come from the checkpoint's own metadata, placed on one local device, so a
-  # checkpoint saved on another topology (e.g. 8 devices) loads anywhere.
-  if which in ("auto", "best") and os.path.isdir(best_dir):
-    with ocp.CheckpointManager(best_dir, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-      if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step))
-        return config, mngr.restore(step, args=ocp.args.StandardRestore(target)), step
-  if which in ("auto", "latest") and os.path.isdir(ckpt_dir):
-    handlers = {"state": ocp.StandardCheckpointHandler(),
-                "data_iter": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as mngr:
-      if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step)["state"])
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-        return config, restored.state["params"], step
-  raise FileNotFoundError(f"no {which} checkpoint under {workdir!r} (looked in {best_dir} and "
-                          f"{ckpt_dir})")
+  """(config, params, step) of a train_and_evaluate workdir (`luna_jax.workdir.load_params`):
+  `which` is "best", "latest" or "auto" (best if present, else latest)."""
+  return wd.load_params(workdir, which)

@@ -1,8 +1,9 @@
 """Metric writing: JSON lines (`metrics.jsonl`) plus TensorBoard event files (tensorboardX, no
-TensorFlow), only on process 0, and a console progress line."""
+TensorFlow), only on process 0; the console progress line; console logging for train.py."""
 from __future__ import annotations
 
-import json
+import logging
+import math
 import os
 import sys
 import time
@@ -10,7 +11,11 @@ from typing import Any, Mapping
 
 import jax
 
-METRICS_FILE = "metrics.jsonl"
+from luna_jax import workdir as wd
+
+METRICS_FILE = wd.METRICS_FILE
+# Loggers whose INFO notices (data generation, recovery, counted data warnings) reach the console.
+CONSOLE_LOGGERS = ("luna_jax", "lra_tasks")
 
 
 def _plain(v: Any) -> Any:
@@ -21,34 +26,24 @@ def _plain(v: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` to WORKDIR/metrics.jsonl and mirrors scalars to
-  WORKDIR/tb. A no-op on processes other than 0."""
+  """Appends `{"step": s, **metrics}` to WORKDIR/metrics.jsonl (non-finite values as null) and
+  mirrors scalars to WORKDIR/tb. A no-op on processes other than 0. Which records survive a
+  restart is `luna_jax.workdir.start_at`."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = wd.path(workdir, METRICS_FILE)
     self._tb = None
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-  def truncate_after(self, step: int) -> None:
-    """Drops records logged after `step` (a resumed run recomputes them identically)."""
-    if not self.active or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+      self._tb = SummaryWriter(wd.path(workdir, wd.TB_DIR))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(wd.dumps(record) + "\n")
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
@@ -63,13 +58,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of WORKDIR/metrics.jsonl (empty if there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+read_metrics = wd.read_metrics
 
 
 class Progress:
@@ -86,12 +75,16 @@ class Progress:
     return done / max(time.time() - self.t0, 1e-9)
 
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
+    """`step s/total | metrics | steps/s | ETA`; speed only once steps ran, ETA only before the
+    end."""
     rate = self.rate(step)
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
     parts = [f"step {step}/{self.total}"]
     parts += [f"{k} {_plain(v):.4g}" for k, v in metrics.items()
               if isinstance(_plain(v), float) and not k.endswith("_per_s")]
-    parts += [f"{rate:.2f} steps/s", f"ETA {_fmt_time(eta)}"]
+    if step > self.first:
+      parts.append(f"{rate:.2f} steps/s")
+    if step < self.total:
+      parts.append(f"ETA {_fmt_time((self.total - step) / rate if rate > 0 else math.nan)}")
     return " | ".join(parts)
 
   def tick(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
@@ -114,3 +107,36 @@ def _fmt_time(seconds: float) -> str:
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _ConsoleFormatter(logging.Formatter):
+  def format(self, record: logging.LogRecord) -> str:
+    text = record.getMessage()
+    return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+  """Orbax logs the traceback of a failed save several times; the trainer reports it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def setup_console_logging(verbose: bool) -> None:
+  """Console for train.py: library logging (absl, jax, orbax, grain) shows warnings only, and
+  this project's notices (`CONSOLE_LOGGERS`) are plain stdout lines. With `verbose` every
+  library's INFO logging is kept as absl formats it."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if verbose:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logging.get_absl_handler().addFilter(_NoOrbaxTracebacks())
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(_ConsoleFormatter())
+  for name in CONSOLE_LOGGERS:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.propagate = False

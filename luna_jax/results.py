@@ -26,6 +26,7 @@ import sys
 from typing import Any, Iterable
 
 from luna_jax import published as pub
+from luna_jax import workdir as wd
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
 TASKS6 = TASKS5 + ("pathx",)
@@ -36,9 +37,9 @@ MECHANISM_ORDER = ("luna-16", "luna-128", "luna-256", "softmax", "linear_elu", "
 # Config fields that do not make a different experiment (seeds of one point share the rest).
 IGNORED_KEYS = ("seed", "data_dir", "eval_every", "log_every", "checkpoint_every",
                 "keep_checkpoints", "grain_workers")
-FAILED_FILE = "FAILED"
-METRICS_FILE, RESULTS_FILE = "metrics.jsonl", "results.json"
-RUN_FILES = ("config.json", METRICS_FILE, RESULTS_FILE)
+# File names of a run folder (luna_jax.workdir owns them).
+CONFIG_FILE, FAILED_FILE, RUN_FILES = wd.CONFIG_FILE, wd.FAILED_FILE, wd.RUN_FILES
+METRICS_FILE, RESULTS_FILE = wd.METRICS_FILE, wd.RESULTS_FILE
 
 
 @dataclasses.dataclass
@@ -127,18 +128,8 @@ def diverged_message(text: str) -> bool:
   return any(s in text for s in ("NaN", "NonFiniteLossError", "non-finite"))
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+_read_json = wd.read_json       # None if absent; errors name the file
+_read_jsonl = wd.read_jsonl     # [] if absent; errors name the file and line
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,16 +144,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def workdir_status(workdir: str) -> tuple[str, str]:
   """(status, message) of a workdir: finished, diverged, failed or unfinished."""
-  if os.path.exists(os.path.join(workdir, "results.json")):
+  if os.path.exists(os.path.join(workdir, RESULTS_FILE)):
     return "finished", ""
   failed = os.path.join(workdir, FAILED_FILE)
   message = ""
   if os.path.exists(failed):
     with open(failed) as f:
       message = f.read().strip()
-  losses = [r["train_loss"] for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if isinstance(r.get("train_loss"), (int, float))]
-  if any(not math.isfinite(x) for x in losses) or (message and diverged_message(message)):
+  # metrics.jsonl writes a non-finite loss as null.
+  losses = [r["train_loss"] for r in _read_jsonl(os.path.join(workdir, METRICS_FILE))
+            if "train_loss" in r]
+  if (any(x is None or not math.isfinite(x) for x in losses)
+      or (message and diverged_message(message))):
     return "diverged", message
   return ("failed", message) if message else ("unfinished", "")
 
@@ -180,9 +173,9 @@ def find_workdirs(root: str) -> list[str]:
 
 def load_run(workdir: str) -> Run:
   """Reads one workdir (config.json, metrics.jsonl, results.json, FAILED)."""
-  config = _read_json(os.path.join(workdir, "config.json")) or {}
-  results = _read_json(os.path.join(workdir, "results.json")) or {}
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  config = _read_json(os.path.join(workdir, CONFIG_FILE)) or {}
+  results = _read_json(os.path.join(workdir, RESULTS_FILE)) or {}
+  records = _read_jsonl(os.path.join(workdir, METRICS_FILE))
   model = config.get("model", {})
   status, message = workdir_status(workdir)
   attention = results.get("attention") or model.get("attention") or "unknown"

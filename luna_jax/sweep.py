@@ -33,10 +33,11 @@ import types
 from typing import Any, Callable, Sequence
 
 from luna_jax import results as results_lib
+from luna_jax import workdir as wd
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESERVED = ("config", "arg", "name")
-LOG_FILE = "sweep.log"
+LOG_FILE = wd.SWEEP_LOG_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +183,10 @@ def run_logged(cmd: list[str], workdir: str) -> int:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
     rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-  if rc != 0 and not os.path.exists(os.path.join(workdir, "results.json")):
+  if rc != 0 and not os.path.exists(wd.path(workdir, wd.RESULTS_FILE)):
     with open(log_path) as f:
       tail = f.read()[-4000:]
-    with open(os.path.join(workdir, results_lib.FAILED_FILE), "w") as f:
+    with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
       f.write(f"exit status {rc}\n{tail}")
   return rc
 
@@ -226,17 +227,17 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
   lock = threading.Lock()
 
   def one(i: int, p: Point) -> None:
-    wd = p.workdir(root)
+    run_dir = p.workdir(root)
     if check_workdirs:
-      resumed = os.path.isdir(os.path.join(wd, "checkpoints"))
-      if os.path.exists(os.path.join(wd, results_lib.FAILED_FILE)):
-        os.remove(os.path.join(wd, results_lib.FAILED_FILE))
+      resumed = wd.has_checkpoints(run_dir)
+      if os.path.exists(wd.path(run_dir, wd.FAILED_FILE)):
+        os.remove(wd.path(run_dir, wd.FAILED_FILE))
     else:
       resumed = False
     with lock:
       print(f"[{i}/{len(todo)}] {'resume' if resumed else 'start'} {p.name}", file=out,
             flush=True)
-    rc = runner(command(p), wd)
+    rc = runner(command(p), run_dir)
     with lock:
       outcome[p.name] = "ok" if rc == 0 else f"failed (rc {rc})"
       print(f"[{i}/{len(todo)}] {outcome[p.name]}: {p.name}", file=out, flush=True)

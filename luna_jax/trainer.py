@@ -3,16 +3,13 @@
 Data parallel over every device of every host: one jitted step on a `Mesh` with a `data` axis,
 the batch sharded over it and the state replicated. Checkpoints (orbax) hold the train state and
 the grain iterator together, so a killed run resumes exactly; per-step randomness is
-`fold_in(key, step)`. Validation every `eval_every` steps; the best-validation state is kept in
-WORKDIR/best and evaluated on the test split at the end.
-
-WORKDIR holds: metrics.jsonl (one JSON object per line), tb/ (TensorBoard events),
-checkpoints/ (the latest `keep_checkpoints`), best/ (best validation), config.json, results.json.
+`fold_in(key, step)`. Validation every `eval_every` steps; the best-validation parameters are
+kept and evaluated on the test split at the end. What the workdir holds, when a resume is
+accepted and how damaged checkpoints are recovered is `luna_jax.workdir`.
 """
 from __future__ import annotations
 
 import functools
-import json
 import os
 import platform
 import signal
@@ -26,16 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from absl import logging
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lra_tasks
-from luna_jax import input_pipeline, metrics as metrics_lib, models
+from luna_jax import input_pipeline, metrics as metrics_lib, models, workdir as wd
 from luna_jax.attention import ATTENTION_NAMES
-
-RESULTS_FILE = "results.json"
+from luna_jax.workdir import ConfigError
 
 
 class TrainState(train_state.TrainState):
@@ -58,45 +52,74 @@ def model_config(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails before any compute on a config that cannot work, naming the field."""
+  """Fails before any compute on a config that cannot work, naming the field (ConfigError)."""
   m = config.model
   if m.attention not in ATTENTION_NAMES:
-    raise ValueError(f"config.model.attention={m.attention!r} is not a known attention; "
-                     f"valid names: {', '.join(ATTENTION_NAMES)}")
+    raise ConfigError(f"config.model.attention={m.attention!r} is not a known attention; "
+                      f"valid names: {', '.join(ATTENTION_NAMES)}")
+  for field, low in _AT_LEAST + ((("model.proj_len", 1),) if m.attention == "luna" else ()):
+    value = _get(config, field)
+    if value is not None and value < low:
+      raise ConfigError(f"config.{field}={value} must be >= {low}")
+  for field in ("model.dropout", "model.attention_dropout", "model.activation_dropout"):
+    if not 0.0 <= _get(config, field) < 1.0:
+      raise ConfigError(f"config.{field}={_get(config, field)} must be in [0, 1)")
+  if not config.learning_rate > 0:
+    raise ConfigError(f"config.learning_rate={config.learning_rate} must be > 0")
+  options = m.get(m.attention) or {}
+  if "num_features" in options and options["num_features"] < 1:
+    raise ConfigError(f"config.model.{m.attention}.num_features={options['num_features']} "
+                      "must be >= 1")
   n_dev = jax.device_count()
   if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{n_dev} devices; use a multiple of {n_dev}")
-  if config.seq_len <= 0:
-    raise ValueError(f"config.seq_len={config.seq_len} must be positive")
+    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
+                      f"{n_dev} devices; use a multiple of {n_dev}")
   max_len = m.get("max_len", 0)
   if max_len and config.seq_len > max_len:
-    raise ValueError(f"config.seq_len={config.seq_len} is longer than the position table "
-                     f"config.model.max_len={max_len}")
+    raise ConfigError(f"config.seq_len={config.seq_len} is longer than the position table "
+                      f"config.model.max_len={max_len}")
   heads = [("config.model.num_heads", m.num_heads)]
   if m.attention == "luna":
     heads.append(("config.model.num_pack_heads", m.num_pack_heads or m.num_heads))
   for field, h in heads:
     if h <= 0 or m.emb_dim % h:
-      raise ValueError(f"config.model.emb_dim={m.emb_dim} is not divisible by {field}={h}")
+      raise ConfigError(f"config.model.emb_dim={m.emb_dim} is not divisible by {field}={h}")
   if m.attention == "luna" and m.get("qkv_dim", 0) not in (0, m.emb_dim):
-    raise ValueError(f"config.model.qkv_dim={m.qkv_dim} must be 0 or emb_dim={m.emb_dim} for "
-                     "luna (its packed context has no output projection)")
+    raise ConfigError(f"config.model.qkv_dim={m.qkv_dim} must be 0 or emb_dim={m.emb_dim} "
+                      "for luna (its packed context has no output projection)")
   qkv = m.get("qkv_dim", 0) or m.emb_dim
   if qkv % m.num_heads:
-    raise ValueError(f"config.model.qkv_dim={qkv} is not divisible by "
-                     f"config.model.num_heads={m.num_heads}")
+    raise ConfigError(f"config.model.qkv_dim={qkv} is not divisible by "
+                      f"config.model.num_heads={m.num_heads}")
   allowed_values = {"readout": models.READOUTS, "block": ("post_ln", "pre_ln"),
                     "positions": ("learned", "sinusoidal"), "embedding": ("tokens", "linear"),
                     "init": tuple(models.INITS), "dtype": ("float32", "bfloat16"),
                     "retrieval_combine": ("luna", "concat", "interact")}
   for field, allowed in allowed_values.items():
     if m[field] not in allowed:
-      raise ValueError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
+      raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
   if config.schedule not in SCHEDULES:
-    raise ValueError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
-  if config.num_train_steps <= 0 or config.eval_every <= 0:
-    raise ValueError("config.num_train_steps and config.eval_every must be positive")
+    raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
+
+
+# Lower bounds of numeric fields (a missing field is not checked).
+_AT_LEAST = (("num_train_steps", 1), ("eval_every", 1), ("log_every", 1),
+             ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
+             ("seq_len", 1), ("warmup_steps", 0), ("eval_max_examples", 0),
+             ("grain_workers", 0), ("weight_decay", 0.0), ("grad_clip", 0.0),
+             ("model.num_layers", 1), ("model.emb_dim", 1), ("model.mlp_dim", 1),
+             ("model.num_heads", 1), ("model.num_pack_heads", 0), ("model.qkv_dim", 0),
+             ("model.max_len", 0), ("model.classifier_dim", 1),
+             ("model.classifier_layers", 0), ("model.redraw_every", 1))
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
 
 
 SCHEDULES = ("inverse_sqrt", "rsqrt_lra", "cosine", "one_cycle")
@@ -281,28 +304,37 @@ def _global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, 
           for k, v in batch.items()}
 
 
-def _dump_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_task(config: ml_collections.ConfigDict, task: lra_tasks.TaskData) -> None:
+  """Fails before any compute on loaded data that cannot train: a length other than
+  config.seq_len, or an empty split."""
+  if task.seq_len != config.seq_len:
+    raise ConfigError(f"config.seq_len={config.seq_len} but the task data has length "
+                      f"{task.seq_len}")
+  source = f"config.data_dir={config.data_dir!r}" if config.data_dir else "generated data"
+  lra_tasks.common.check_splits(task, source)
+
+
+def _say(message: str) -> None:
+  """A console line from process 0."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------- main loop
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the results dict
-  also written to WORKDIR/results.json."""
+  """Trains `config` in `workdir` (resuming from its newest readable checkpoint); returns the
+  results dict also written to WORKDIR/results.json. The run folder's rules (resume checks,
+  recovery, what metrics and results derive from) are in `luna_jax.workdir`."""
   validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  changes = wd.resume_changes(workdir, config)     # before anything is written
   task = lra_tasks.load_task(config)
+  check_task(config, task)
   cfg = model_config(config, task)
-  if task.seq_len != config.seq_len:
-    raise ValueError(f"config.seq_len={config.seq_len} but the task data has length "
-                     f"{task.seq_len}")
-  _dump_config(config, workdir)
-  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "FAILED")):
-    os.remove(os.path.join(workdir, "FAILED"))   # a rerun replaces the old verdict
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  wd.clean_tmp(workdir)
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -312,171 +344,183 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_fn = functools.partial(init_state, config, cfg)
   abstract = jax.eval_shape(init_fn, init_key)
   state_sh = jax.tree.map(lambda _: repl, abstract)
-  state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
-  num_params = models.count_params(state.params)
-
-  redraw = config.model.redraw_every
-  p_train = jax.jit(functools.partial(train_step, redraw_every=redraw),
-                    in_shardings=(state_sh, data_sh, repl), out_shardings=(state_sh, repl),
-                    donate_argnums=0)
-  p_eval = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn, redraw_every=redraw),
-                   in_shardings=(state_sh.params, data_sh, repl, repl), out_shardings=repl)
-
-  train_iter = input_pipeline.train_iterator(task.splits["train"], config.batch_size,
-                                             config.seed, config.grain_workers)
-  policies = ocp.checkpoint_managers
-  ckpt_opts = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
-      save_decision_policy=policies.AnySavePolicy([
-          policies.FixedIntervalPolicy(config.checkpoint_every),
-          policies.PreemptionCheckpointingPolicy()]))
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=ckpt_opts)
-  best_mngr = ocp.CheckpointManager(
-      os.path.join(workdir, "best"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
-  writer = metrics_lib.MetricWriter(workdir)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sh)
-
-  first_step = 0
-  best_val, best_step = -1.0, -1
-  if (latest := mngr.latest_step()) is not None:
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data_iter=ocp.args.JsonRestore()))
-    state = restored.state
-    train_iter.set_state(restored.data_iter)
-    first_step = int(state.step)
-    writer.truncate_after(first_step)
-    logging.info("resumed from step %d", first_step)
-    print(f"resumed from step {first_step} ({workdir})", flush=True)
-  for rec in metrics_lib.read_metrics(workdir):
-    if "val_accuracy" in rec and rec["val_accuracy"] > best_val:
-      best_val, best_step = rec["val_accuracy"], rec["step"]
-
-  if first_step == 0:
-    print(f"{config.task}: {cfg.attention} model with {num_params:,} parameters on "
-          f"{jax.device_count()} device(s), {jax.process_count()} process(es); "
-          f"workdir {workdir}", flush=True)
-    writer.write(0, {"num_params": num_params, "num_devices": jax.device_count()})
-    writer.write_hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
-
-  def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
-    sums = None
-    # eval_max_examples caps model selection only; the test split is always evaluated whole.
-    cap = config.eval_max_examples if split == "validation" else 0
-    for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size, cap):
-      batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
-      batch["class_counts"] *= batch["weights"][:, None]
-      out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    count = max(float(sums["count"]), 1.0)
-    name = split_name(split)
-    return {f"{name}_loss": float(sums["loss"]) / count,
-            f"{name}_accuracy": float(sums["correct"]) / count,
-            f"{name}_majority_accuracy": float(sums["class_counts"].max()) / count}
-
-  def save(step: int, force: bool = False) -> None:
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=ocp.args.JsonSave(train_iter.get_state())), force=force)
-
-  stop = _StopFlag()
-  stop.install()
-  progress = metrics_lib.Progress(config.num_train_steps, first_step)
-  acc_metrics, acc_n = None, 0
-  first_bad = None
-  step = first_step
-  t_log = time.time()
-  stopped_by = None
+  train_iter = input_pipeline.train_iterator(task.splits["train"], config.batch_size,
+                                             config.seed, config.grain_workers)
+  ckpts = wd.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+  writer = None
   try:
-    while step < config.num_train_steps:
-      batch = _global(next(train_iter), data_sh)
-      state, m = p_train(state, batch, step_key)
-      step += 1
-      acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
-      acc_n += 1
-      # Track the first non-finite step on device (no host sync per step).
-      bad = ~jnp.isfinite(m["loss"])
-      first_bad = (jnp.where(bad, step, -1) if first_bad is None
-                   else jnp.where((first_bad < 0) & bad, step, first_bad))
-      is_log = step % config.log_every == 0 or step == config.num_train_steps
-      is_eval = step % config.eval_every == 0 or step == config.num_train_steps
-      is_ckpt = step % config.checkpoint_every == 0
-      progress.tick(step)
-      if stop.signal is None and jax.process_count() > 1:
-        if mngr.reached_preemption(step):
-          stop.signal = signal.SIGTERM
-      if is_log or is_eval or is_ckpt or stop.signal is not None:
-        fb = int(first_bad)
-        if fb >= 0:
-          msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good checkpoint "
-                 f"in {os.path.join(workdir, 'checkpoints')} is kept (step {mngr.latest_step()}).")
-          if jax.process_index() == 0:   # marker read by luna_jax.results
-            with open(os.path.join(workdir, "FAILED"), "w") as f:
-              f.write(f"NonFiniteLossError: {msg}\n")
-          raise NonFiniteLossError(msg)
-      if is_log and acc_n:
-        host = jax.device_get(acc_metrics)
-        dt = time.time() - t_log
-        rec = {f"train_{k}": float(v) / acc_n for k, v in host.items()}
-        rec["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
-        rec["steps_per_s"] = acc_n / dt
-        rec["examples_per_s"] = acc_n * config.batch_size / dt
-        if (peak := _peak_memory_bytes()) is not None:
-          rec["peak_memory_bytes"] = peak
-        writer.write(step, rec)
-        progress.log(step, rec)
-        acc_metrics, acc_n, t_log = None, 0, time.time()
-      if is_eval:
-        val = evaluate("validation", state.params, step)
-        writer.write(step, val)
-        progress.log(step, val)
-        if val["val_accuracy"] > best_val:
-          best_val, best_step = val["val_accuracy"], step
-          best_mngr.save(step, args=ocp.args.StandardSave(state.params), force=True)
-          best_mngr.wait_until_finished()
-        t_log = time.time()
-      save(step, force=stop.signal is not None or step == config.num_train_steps)
-      if stop.signal is not None:
-        stopped_by = signal.Signals(stop.signal).name
-        print(f"received {stopped_by}: saved step {step}; rerun the same command to resume",
-              flush=True)
-        break
-  finally:
-    mngr.wait_until_finished()
-    stop.restore()
-
-  results: dict[str, Any] = {
-      "task": config.task, "attention": cfg.attention, "proj_len": cfg.proj_len,
-      "seed": config.seed, "num_params": num_params, "step": step,
-      "num_train_steps": config.num_train_steps, "finished": stopped_by is None,
-      "best_val_accuracy": best_val, "best_step": best_step,
-      "protocol": config.get("protocol", "custom"), "data": dict(task.provenance),
-      "dtype": cfg.dtype, "machine": machine_description()}
-  if stopped_by is None:
-    if best_step >= 0 and best_mngr.latest_step() is not None:
-      params_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract.params, state_sh.params)
-      best_params = best_mngr.restore(best_mngr.latest_step(),
-                                      args=ocp.args.StandardRestore(params_target))
+    restored = ckpts.restore_latest(target)
+    if restored is None:
+      first_step = 0
+      state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
     else:
-      best_params = state.params
-    test = evaluate("test", best_params, best_step)
-    writer.write(step, {**test, "test_at_step": best_step})
-    progress.log(step, {**test, "best_step": float(best_step)})
-    results.update(test)
-    train_recs = [r for r in metrics_lib.read_metrics(workdir) if "steps_per_s" in r]
-    if train_recs:
-      results["steps_per_s"] = float(np.median([r["steps_per_s"] for r in train_recs]))
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-        json.dump(results, f, indent=2)
-  writer.close()
-  mngr.close()
-  best_mngr.close()
-  return results
+      first_step, state, iter_state = restored
+      train_iter.set_state(iter_state)
+    wd.record_config(workdir, config, changes, first_step)
+    wd.start_at(workdir, first_step, config.num_train_steps)
+    ckpts.prune_best_after(first_step)
+    wd.sync("luna_jax_start")
+    writer = metrics_lib.MetricWriter(workdir)
+    num_params = models.count_params(state.params)
+    # Model selection continues from the records the restored step has seen.
+    best_val, _ = wd.best_validation(wd.read_metrics(workdir), first_step)
+    finished_before = first_step >= config.num_train_steps
+    if first_step == 0:
+      _say(f"{config.task}: {cfg.attention} model with {num_params:,} parameters on "
+           f"{jax.device_count()} device(s), {jax.process_count()} process(es); "
+           f"workdir {workdir}")
+      writer.write(0, {"num_params": num_params, "num_devices": jax.device_count()})
+      writer.write_hparams(flax.traverse_util.flatten_dict(config.to_dict(), sep="."))
+    elif finished_before:
+      _say(f"{workdir} already finished training at step {first_step}: evaluating its best "
+           "checkpoint on the test split again")
+    else:
+      _say(f"resumed from step {first_step} ({workdir})")
+    for c in changes:
+      _say(f"resumed with a changed config: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
+
+    redraw = config.model.redraw_every
+    p_train = jax.jit(functools.partial(train_step, redraw_every=redraw),
+                      in_shardings=(state_sh, data_sh, repl), out_shardings=(state_sh, repl),
+                      donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn, redraw_every=redraw),
+                     in_shardings=(state_sh.params, data_sh, repl, repl), out_shardings=repl)
+
+    def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
+      sums = None
+      # eval_max_examples caps model selection only; the test split is always evaluated whole.
+      cap = config.eval_max_examples if split == "validation" else 0
+      for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size, cap):
+        batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
+        batch["class_counts"] *= batch["weights"][:, None]
+        out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = jax.device_get(sums)
+      count = max(float(sums["count"]), 1.0)
+      name = split_name(split)
+      return {f"{name}_loss": float(sums["loss"]) / count,
+              f"{name}_accuracy": float(sums["correct"]) / count,
+              f"{name}_majority_accuracy": float(sums["class_counts"].max()) / count}
+
+    stop = _StopFlag()
+    stop.install()
+    progress = metrics_lib.Progress(config.num_train_steps, first_step)
+    acc_metrics, acc_n = None, 0
+    first_bad = None
+    step = first_step
+    t_log = time.time()
+    stopped_by = None
+    try:
+      while step < config.num_train_steps:
+        batch = _global(next(train_iter), data_sh)
+        state, m = p_train(state, batch, step_key)
+        step += 1
+        ckpts.check()          # a failed asynchronous save stops the run here
+        acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
+        acc_n += 1
+        # Track the first non-finite step on device (no host sync per step).
+        bad = ~jnp.isfinite(m["loss"])
+        first_bad = (jnp.where(bad, step, -1) if first_bad is None
+                     else jnp.where((first_bad < 0) & bad, step, first_bad))
+        is_log = step % config.log_every == 0 or step == config.num_train_steps
+        is_eval = step % config.eval_every == 0 or step == config.num_train_steps
+        is_ckpt = step % config.checkpoint_every == 0
+        progress.tick(step)
+        if stop.signal is None and jax.process_count() > 1:
+          if ckpts.mngr.reached_preemption(step):
+            stop.signal = signal.SIGTERM
+        stopping = stop.signal    # read once: a signal after this line stops the next step
+        if is_log or is_eval or is_ckpt or stopping is not None:
+          fb = int(first_bad)
+          if fb >= 0:
+            msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good "
+                   f"checkpoint in {ckpts.dir} is kept (step {ckpts.latest_step()}).")
+            if jax.process_index() == 0:   # marker read by luna_jax.results
+              with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
+                f.write(f"NonFiniteLossError: {msg}\n")
+            raise NonFiniteLossError(msg)
+        if is_log and acc_n:
+          host = jax.device_get(acc_metrics)
+          dt = time.time() - t_log
+          rec = {f"train_{k}": float(v) / acc_n for k, v in host.items()}
+          rec["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+          rec["steps_per_s"] = acc_n / dt
+          rec["examples_per_s"] = acc_n * config.batch_size / dt
+          if (peak := _peak_memory_bytes()) is not None:
+            rec["peak_memory_bytes"] = peak
+          writer.write(step, rec)
+          progress.log(step, rec)
+          acc_metrics, acc_n, t_log = None, 0, time.time()
+        if is_eval:
+          val = evaluate("validation", state.params, step)
+          writer.write(step, val)
+          progress.log(step, val)
+          if val["val_accuracy"] > best_val:
+            best_val = val["val_accuracy"]
+            ckpts.save_best(step, state.params)
+          t_log = time.time()
+        ckpts.save(step, state, train_iter.get_state(),
+                   force=stopping is not None or step == config.num_train_steps)
+        if stopping is not None:
+          stopped_by = signal.Signals(stopping).name
+          break
+      ckpts.wait()
+    finally:
+      stop.restore()
+    if stopped_by is not None:
+      _say(f"received {stopped_by}: saved step {step}; rerun the same command to resume")
+
+    results: dict[str, Any] = {
+        "task": config.task, "attention": cfg.attention, "proj_len": cfg.proj_len,
+        "seed": config.seed, "num_params": num_params, "step": step,
+        "num_train_steps": config.num_train_steps, "finished": stopped_by is None,
+        "protocol": config.get("protocol", "custom"), "data": dict(task.provenance),
+        "dtype": cfg.dtype, "machine": machine_description()}
+    if stopped_by is None:
+      results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
+                                       abstract, state_sh, progress))
+      train_recs = [r for r in wd.read_metrics(workdir)
+                    if isinstance(r.get("steps_per_s"), (int, float))]
+      if train_recs:
+        results["steps_per_s"] = float(np.median([r["steps_per_s"] for r in train_recs]))
+      if jax.process_index() == 0:
+        wd.write_json(wd.path(workdir, wd.RESULTS_FILE), results)
+      _say(f"done: test accuracy {results['test_accuracy']:.4f} at step {results['best_step']} "
+           f"(best validation {results['best_val_accuracy']:.4f}). Results: "
+           f"{wd.path(workdir, wd.RESULTS_FILE)}; metrics: {wd.path(workdir, wd.METRICS_FILE)}; "
+           f"curves: tensorboard --logdir {wd.path(workdir, wd.TB_DIR)}")
+    return results
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpts.close()
+
+
+def _final_evaluation(ckpts: wd.Checkpoints, workdir: str, writer: metrics_lib.MetricWriter,
+                      evaluate: Callable, state: TrainState, step: int, abstract: Any,
+                      state_sh: Any, progress: metrics_lib.Progress) -> dict[str, Any]:
+  """Test metrics of the best checkpoint that exists (best/, else the final parameters, which
+  then become best/); best_step and best_val_accuracy describe that same checkpoint."""
+  if ckpts.best_step() is None:
+    _say(f"no best-validation checkpoint in {ckpts.best_dir}: keeping the step-{step} "
+         "parameters as the best")
+    ckpts.save_best(step, state.params)
+  best_step = ckpts.best_step()
+  params_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               abstract.params, state_sh.params)
+  best_params = ckpts.restore_best(params_target)
+  val = next((r for r in wd.read_metrics(workdir)
+              if r.get("step") == best_step and "val_accuracy" in r), None)
+  if val is None:           # no record of it (metrics.jsonl deleted): evaluate again
+    val = evaluate("validation", best_params, best_step)
+    if best_step == step:
+      writer.write(step, val)
+  test = evaluate("test", best_params, best_step)
+  writer.write(step, {**test, "test_at_step": best_step})
+  progress.log(step, {**test, "best_step": float(best_step)})
+  return {"best_val_accuracy": val["val_accuracy"], "best_step": best_step, **test}
 
 
 def split_name(split: str) -> str:

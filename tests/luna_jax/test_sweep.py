@@ -58,7 +58,7 @@ def test_lra_grid_points():
                                  ("model.proj_len", 16), ("seed", 0))
   by_name = {p.name: p for p in points}
   assert ("data_dir", "/d/tfds") in by_name["text/luna_l256_lr5e-5_s1"].overrides
-  assert by_name["image/softmax_lr1e-3_s2"].config_arg == "softmax"
+  assert by_name["image/softmax_lr5e-4_s2"].config_arg == "softmax"
   assert points[-1].name.endswith("_s2")                  # seeds outermost
   assert sweep.expand("configs/sweeps/lra_luna.py:data=/d") == points   # deterministic
   six = sweep.expand("configs/sweeps/lra_luna.py:tasks=all,seeds=1")

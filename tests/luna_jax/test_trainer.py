@@ -50,7 +50,7 @@ def test_two_steps_write_metrics_and_results(tmp_path):
     ("model.attention", "lunar", "valid names: luna, softmax"),
     ("batch_size", 12, "not divisible by the 8 devices"),
     ("model.num_heads", 3, "config.model.num_heads=3"),
-    ("model.readout", "first", "config.model.readout"),
+    ("model.readout", "last", "config.model.readout"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, field, value, match):
   c = tiny_config()

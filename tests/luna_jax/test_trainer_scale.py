@@ -153,6 +153,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   trainer.train_and_evaluate(c, str(tmp_path))                 # good run to step 4
   good = _final_params(str(tmp_path), 4)
   c.num_train_steps = 8
+  c.allow_resume_changes = True                                # a longer schedule
   monkeypatch.setattr(trainer, "cross_entropy", lambda logits, t: jnp.full(t.shape, jnp.nan))
   with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step 5"):
     trainer.train_and_evaluate(c, str(tmp_path))

@@ -1,0 +1,662 @@
+"""The run folder: its file names, the config check on resume, checkpoints with recovery, the
+bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep and inspection).
+
+  WORKDIR/config.json             the config of the checkpoints; written only after the resume
+                                  check passed and the checkpoint was restored
+  WORKDIR/config_history.jsonl    one line per resume that changed the config:
+                                  {"step": N, "time": ..., "changes": {field: [old, new]}}
+  WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null
+  WORKDIR/results.json            written at the end, from the best checkpoint that exists
+  WORKDIR/FAILED                  why the last attempt failed (a rerun removes it)
+  WORKDIR/checkpoints/<step>/     train state (`state`) + grain iterator (`data_iter`), orbax
+  WORKDIR/checkpoints/corrupt-<step>/   an unreadable checkpoint, moved aside
+  WORKDIR/best/<step>/            parameters of the best validation score (one step)
+  WORKDIR/tb/                     TensorBoard events
+  WORKDIR/sweep.log               output of `luna_jax.sweep` runs
+
+Resume rules (`resume_changes`). A workdir that holds checkpoints is resumed only with a config
+that makes the same model on the same data. Fields are classified here and nowhere else:
+* model/data (`MODEL_DATA`): everything not listed below: `model.*`, `task`, `seq_len`,
+  `data_dir`, `batch_size`, `seed`, `append_eos`, the task's data group (`listops.*`,
+  `pathfinder.*`) and any field this module does not know. A change fails before any compute,
+  naming each field with its old and new value.
+* schedule (`SCHEDULE_FIELDS`): the optimizer and its schedule. Changed only with
+  `--config.allow_resume_changes=true`.
+* bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, workers, labels,
+  and how the same model is computed (remat, attention implementation). Always accepted.
+Every accepted change is appended to config_history.jsonl. A field present on one side only (a
+field added to or removed from the code since the run started) is a change only when it is a
+model/data field whose value differs from the current default of `configs.common.base_config()`
+(a field without such a default always differs).
+
+Metrics and results derive from checkpoints: a start from step N (0 for a new run) drops the
+metrics.jsonl records after N (all of them when N = 0) and every test record, removes best/
+steps after N and a stale results.json, and takes the best validation score only from records
+at or below N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import glob
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import threading
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+FAILED_FILE = "FAILED"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+TB_DIR = "tb"
+SWEEP_LOG_FILE = "sweep.log"
+CORRUPT_PREFIX = "corrupt-"
+STATE_ITEM, DATA_ITER_ITEM = "state", "data_iter"   # the items of a training checkpoint
+TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save folders
+# Any of these makes a folder a run (luna_jax.results).
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
+
+MODEL_DATA, SCHEDULE, BOOKKEEPING = "model/data", "schedule", "bookkeeping"
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "warmup_init_lr", "num_train_steps",
+                   "schedule", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
+                   "one_cycle.*")
+BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "grain_workers", "protocol", "allow_resume_changes",
+                      "allow_truncation",
+                      # how the same model is computed (same parameters, same data)
+                      "model.remat", "model.*.implementation", "model.luna.use_flash")
+
+log = logging.getLogger(__name__)
+# jax and orbax are imported where checkpoints are touched, so that reading a run folder
+# (luna_jax.results, luna_jax.sweep) stays fast.
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the field and what was expected."""
+
+
+class ConfigMismatchError(ConfigError):
+  """The config differs from the one the workdir's checkpoints were made with."""
+
+
+class CheckpointError(RuntimeError):
+  """No readable checkpoint, or a checkpoint that cannot be written."""
+
+
+def path(workdir: str, name: str) -> str:
+  """WORKDIR/name."""
+  return os.path.join(workdir, name)
+
+
+def _is_primary() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """All processes wait here (file operations are done by process 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+def json_safe(obj: Any) -> Any:
+  """`obj` with NaN and +-Inf replaced by None (JSON has no such numbers)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+  """Strict JSON of `obj` (non-finite numbers as null)."""
+  return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def write_json(file: str, obj: Any) -> None:
+  """Writes `obj` to `file` atomically (a kill leaves the old file or the new one)."""
+  tmp = f"{file}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(dumps(obj, indent=2) + "\n")
+  os.replace(tmp, file)
+
+
+def read_json(file: str) -> Any:
+  """The JSON object in `file`, or None if there is no such file; ValueError naming it if it
+  is not JSON."""
+  if not os.path.exists(file):
+    return None
+  with open(file) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_jsonl(file: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file ([] if there is none). A last line without its newline
+  that does not parse is a write cut short by a kill and is skipped; any other bad line is a
+  ValueError naming the file and line."""
+  if not os.path.exists(file):
+    return []
+  with open(file) as f:
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      if i == len(lines):        # no newline after it: cut short
+        log.warning("%s:%d: ignoring an incomplete last line (a write cut short)", file, i)
+        continue
+      raise ValueError(f"{file}:{i}: not a JSON object ({e})") from None
+  return records
+
+
+def _rewrite_jsonl(file: str, records: Iterable[Mapping[str, Any]]) -> None:
+  tmp = f"{file}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(dumps(r) + "\n" for r in records)
+  os.replace(tmp, file)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """The config as config.json stores it (plain JSON values)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config, default=str))
+
+
+def field_names(config: ml_collections.ConfigDict | Mapping[str, Any]) -> list[str]:
+  """Dotted names of every field, e.g. "model.proj_len"."""
+  return sorted(flatten(config_dict(config)))
+
+
+def closest_fields(name: str, names: Sequence[str], n: int = 3) -> list[str]:
+  """The valid field names closest to a mistyped `name` (dotted, without "config.")."""
+  leaf = name.rsplit(".", 1)[-1]
+  by_leaf = [m for m in names if difflib.get_close_matches(leaf, [m.rsplit(".", 1)[-1]],
+                                                           cutoff=0.75)]
+  found = difflib.get_close_matches(name, names, n=n, cutoff=0.0)
+  return list(dict.fromkeys(by_leaf + found))[:n]
+
+
+def field_kind(name: str) -> str:
+  """MODEL_DATA, SCHEDULE or BOOKKEEPING for a dotted field name (module docstring)."""
+  def matches(patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+  if matches(BOOKKEEPING_FIELDS):
+    return BOOKKEEPING
+  if matches(SCHEDULE_FIELDS):
+    return SCHEDULE
+  return MODEL_DATA
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """One field that differs between the stored and the new config."""
+  field: str
+  old: Any
+  new: Any
+  kind: str
+
+  def __str__(self) -> str:
+    return f"config.{self.field}: {_show(self.old)} -> {_show(self.new)}"
+
+
+class _Absent:
+  def __repr__(self) -> str:
+    return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def _show(v: Any) -> str:
+  return repr(v) if v is not ABSENT else "(absent)"
+
+
+def _defaults() -> dict[str, Any]:
+  try:
+    from configs import common  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  return flatten(config_dict(common.base_config()))
+
+
+def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+  """Fields that differ between two configs (JSON dicts), by the rules of the module docstring."""
+  old_flat, new_flat = flatten(config_dict(stored)), flatten(config_dict(new))
+  defaults = None
+  changes = []
+  for name in sorted(set(old_flat) | set(new_flat)):
+    old, new_value = old_flat.get(name, ABSENT), new_flat.get(name, ABSENT)
+    kind = field_kind(name)
+    if old is ABSENT or new_value is ABSENT:
+      if kind != MODEL_DATA:
+        continue
+      defaults = _defaults() if defaults is None else defaults
+      present = new_value if old is ABSENT else old
+      if name in defaults and defaults[name] == present:
+        continue
+    elif old == new_value:
+      continue
+    changes.append(Change(name, old, new_value, kind))
+  return changes
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints or WORKDIR/best holds a finished step."""
+  return any(_steps(path(workdir, d)) for d in (CHECKPOINTS_DIR, BEST_DIR))
+
+
+def _steps(folder: str) -> list[int]:
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> list[Change]:
+  """The changes of `config` against WORKDIR/config.json that a resume may accept ([] for a
+  workdir without checkpoints). Writes nothing; raises ConfigMismatchError (one message naming
+  every refused field with old and new values) for a change of the model or data, or of the
+  schedule without `config.allow_resume_changes`."""
+  if not has_checkpoints(workdir):
+    return []
+  allow = bool(config.get("allow_resume_changes", False))
+  stored = read_json(path(workdir, CONFIG_FILE))
+  if stored is None:
+    if allow:
+      log.warning("%s is missing: cannot check the config against the checkpoints "
+                  "(allow_resume_changes=true; parameter shapes are still checked)",
+                  path(workdir, CONFIG_FILE))
+      return []
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints but no {CONFIG_FILE}, so the config cannot be checked "
+        f"against them: restore {CONFIG_FILE}, pass --config.allow_resume_changes=true to "
+        f"resume anyway, or use a new --workdir")
+  changes = config_changes(stored, config)
+  refused = [c for c in changes if c.kind == MODEL_DATA]
+  if refused:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints of another model or data: "
+        f"{'; '.join(map(str, refused))}. Use a new --workdir for this config (or rerun with "
+        f"the old values; deleting {CHECKPOINTS_DIR}/ and {BEST_DIR}/ starts over)")
+  schedule = [c for c in changes if c.kind == SCHEDULE]
+  if schedule and not allow:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints made with another optimizer schedule: "
+        f"{'; '.join(map(str, schedule))}. Pass --config.allow_resume_changes=true to resume "
+        f"with the new values (recorded in {CONFIG_HISTORY_FILE}), or rerun with the old ones")
+  return changes
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, changes: Sequence[Change],
+                  step: int) -> None:
+  """Writes config.json and appends the accepted `changes` (made at `step`) to
+  config_history.jsonl. Call only after the resume check and the restore succeeded."""
+  if not _is_primary():
+    return
+  if changes:
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "changes": {c.field: [None if c.old is ABSENT else c.old,
+                                   None if c.new is ABSENT else c.new] for c in changes}}
+    with open(path(workdir, CONFIG_HISTORY_FILE), "a") as f:
+      f.write(dumps(entry) + "\n")
+  tmp = path(workdir, f"{CONFIG_FILE}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, path(workdir, CONFIG_FILE))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The training config saved in WORKDIR/config.json."""
+  config = read_json(path(workdir, CONFIG_FILE))
+  if config is None:
+    raise FileNotFoundError(f"no {CONFIG_FILE} in {workdir!r}: not a train_and_evaluate workdir")
+  return ml_collections.ConfigDict(config)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of WORKDIR/metrics.jsonl (empty if there is none)."""
+  return read_jsonl(path(workdir, METRICS_FILE))
+
+
+def start_at(workdir: str, step: int, num_train_steps: int) -> None:
+  """Makes the files agree with a run that starts from checkpoint `step` (0: a new run): drops
+  metrics records after it (all when 0) and all test records, FAILED, and a results.json that
+  a further training would make stale."""
+  if not _is_primary():
+    return
+  file = path(workdir, METRICS_FILE)
+  if os.path.exists(file):
+    records = read_jsonl(file)
+    keep = [] if step == 0 else [r for r in records
+                                 if r.get("step", 0) <= step and "test_accuracy" not in r]
+    if len(keep) != len(records):
+      _rewrite_jsonl(file, keep)
+  for name in (FAILED_FILE,) + ((RESULTS_FILE,) if step < num_train_steps else ()):
+    if os.path.exists(path(workdir, name)):
+      os.remove(path(workdir, name))
+
+
+def best_validation(records: Sequence[Mapping[str, Any]], max_step: int
+                    ) -> tuple[float, int]:
+  """(best val_accuracy, its step) among records at or below `max_step`; (-1, -1) if none.
+  Ties go to the earliest step (as in training, where only a strictly better score saves)."""
+  best, best_step = -1.0, -1
+  for r in records:
+    v = r.get("val_accuracy")
+    if isinstance(v, (int, float)) and r.get("step", 0) <= max_step and v > best:
+      best, best_step = float(v), int(r["step"])
+  return best, best_step
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def clean_tmp(workdir: str) -> list[str]:
+  """Removes unfinished orbax saves (`*.orbax-checkpoint-tmp*`) from checkpoints/ and best/;
+  returns their paths."""
+  removed = []
+  if _is_primary():
+    for d in (CHECKPOINTS_DIR, BEST_DIR):
+      for p in sorted(glob.glob(os.path.join(path(workdir, d), f"*{TMP_MARKER}*"))):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        log.info("removed the unfinished save %s", p)
+  sync("luna_jax_clean_tmp")
+  return removed
+
+
+def _unreadable_file(step_dir: str, error: BaseException) -> str:
+  """The file of a checkpoint that `error` came from, as well as can be told."""
+  for root, _, files in sorted(os.walk(step_dir)):
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      if name == "_CHECKPOINT_METADATA":          # orbax reads past a bad one of these
+        continue
+      try:
+        with open(file, "rb") as f:
+          if f.read(1) not in (b"{", b"["):       # not a JSON file (array data, markers)
+            continue
+          f.seek(0)
+          json.loads(f.read())
+      except (OSError, ValueError):
+        return file
+  files = re.findall(r'local file "([^"]+)"', str(error))
+  return files[-1] if files else step_dir
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().split("\n", 1)[0]
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", text)
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _check_shapes(target: Any, stored: Any, where: str) -> None:
+  """ConfigMismatchError if the checkpoint's parameter shapes are not the model's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  want = {jax.tree_util.keystr(p): tuple(a.shape)
+          for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
+  have = {jax.tree_util.keystr(p): tuple(a.shape)
+          for p, a in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  if want != have:
+    diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+    detail = "; ".join(f"params{k}: checkpoint {have.get(k, 'absent')}, config "
+                       f"{want.get(k, 'absent')}" for k in dict(diff))
+    raise ConfigMismatchError(f"{where} holds parameters of another model ({detail}); use a "
+                              "new --workdir for this config")
+
+
+class Checkpoints:
+  """WORKDIR/checkpoints (train state + data iterator, saved asynchronously every `every`
+  steps, newest `keep` kept) and WORKDIR/best (parameters of one step, saved synchronously).
+
+  A save that fails stops the run at the first step after it fails (`check`), naming the
+  error; its unfinished folder is removed and older checkpoints stay intact."""
+
+  def __init__(self, workdir: str, *, keep: int, every: int):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    self.dir = path(workdir, CHECKPOINTS_DIR)
+    self.best_dir = path(workdir, BEST_DIR)
+    policies = ocp.checkpoint_managers
+    self.mngr = ocp.CheckpointManager(
+        self.dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True,
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(every),
+                policies.PreemptionCheckpointingPolicy()])),
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       DATA_ITER_ITEM: ocp.JsonCheckpointHandler()})
+    self.best = ocp.CheckpointManager(
+        self.best_dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, enable_async_checkpointing=False),
+        item_handlers=ocp.StandardCheckpointHandler())
+    self._pending: int | None = None
+    self._failed_steps: list[int] = []
+    self._threads_before_save: set[threading.Thread] = set()
+
+  # -- restore
+
+  def restore_latest(self, target: Any) -> tuple[int, Any, Any] | None:
+    """(step, state, data iterator state) of the newest readable checkpoint, or None if there
+    is none. An unreadable one is logged (file and reason) and moved to
+    checkpoints/corrupt-<step>/; CheckpointError if every checkpoint is unreadable."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    moved = []
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      step_dir = os.path.join(self.dir, str(step))
+      try:
+        meta = self.mngr.item_metadata(step)[STATE_ITEM]
+        _check_shapes(target.params, meta["params"], step_dir)
+        restored = self.mngr.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(target),
+            DATA_ITER_ITEM: ocp.args.JsonRestore()}))
+        return step, restored[STATE_ITEM], restored[DATA_ITER_ITEM]
+      except ConfigMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        moved.append(self._move_aside(step, step_dir, e))
+    if moved:
+      raise CheckpointError(f"no readable checkpoint in {self.dir}: moved "
+                            f"{', '.join(moved)} aside (see the messages above); delete "
+                            f"{self.dir} and {self.best_dir} to start over")
+    return None
+
+  def _move_aside(self, step: int, step_dir: str, error: BaseException) -> str:
+    culprit = _unreadable_file(step_dir, error)
+    dest = os.path.join(self.dir, f"{CORRUPT_PREFIX}{step}")
+    n = 1
+    while os.path.exists(dest):
+      n += 1
+      dest = os.path.join(self.dir, f"{CORRUPT_PREFIX}{step}-{n}")
+    if _is_primary():
+      log.warning("checkpoint step %d is unreadable: %s (%s); moved it to %s and trying an "
+                  "older one", step, culprit, _first_line(error), dest)
+      os.rename(step_dir, dest)
+    sync(f"luna_jax_move_aside_{step}")
+    self.mngr.reload()
+    return os.path.basename(dest)
+
+  # -- training checkpoints
+
+  def save(self, step: int, state: Any, data_iter_state: Any, force: bool = False) -> None:
+    """Starts an asynchronous save if the policy (or `force`) says so."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    threads = set(threading.enumerate())
+    try:
+      started = self.mngr.save(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(state),
+          DATA_ITER_ITEM: ocp.args.JsonSave(data_iter_state)}), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(self._pending if self._pending is not None else step, e)
+    if started:
+      self._pending = step
+      self._threads_before_save = threads
+
+  def check(self) -> None:
+    """Raises CheckpointError if the last asynchronous save has failed (cheap; every step)."""
+    if self._pending is not None and not self.mngr.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the last save; CheckpointError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+
+  def _failed(self, step: int | None, error: BaseException) -> None:
+    self._pending = None
+    self._failed_steps.append(step)    # its folder is removed by close(), once nothing writes
+    self.mngr.reload()
+    older = [s for s in self.mngr.all_steps() if step is None or s < step]
+    kept = (f"checkpoint step {max(older)} is intact; fix the cause and rerun the same command "
+            "to resume from it" if older else "there is no earlier checkpoint")
+    raise CheckpointError(f"saving checkpoint step {step} to {self.dir} failed "
+                          f"({_first_line(error)}); the run stopped there and {kept}") from error
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  # -- best
+
+  def best_step(self) -> int | None:
+    return self.best.latest_step()
+
+  def save_best(self, step: int, params: Any) -> None:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    try:
+      self.best.save(step, args=ocp.args.StandardSave(params), force=True)
+      self.best.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._remove_tmp(self.best_dir, step)
+      raise CheckpointError(f"saving the best parameters (step {step}) to {self.best_dir} "
+                            f"failed ({_first_line(e)}); the run stopped there") from e
+
+  def prune_best_after(self, step: int) -> None:
+    """Deletes best/ steps after `step` (they belong to a run that is being redone)."""
+    for s in self.best.all_steps():
+      if s > step:
+        if _is_primary():
+          log.info("removing %s/%d: it is newer than the restored step %d", self.best_dir, s,
+                   step)
+        self.best.delete(s)
+
+  def restore_best(self, target: Any) -> Any:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    step = self.best.latest_step()
+    try:
+      _check_shapes(target, self.best.item_metadata(step), os.path.join(self.best_dir,
+                                                                        str(step)))
+      return self.best.restore(step, args=ocp.args.StandardRestore(target))
+    except ConfigMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      step_dir = os.path.join(self.best_dir, str(step))
+      raise CheckpointError(f"the best checkpoint {step_dir} is unreadable: "
+                            f"{_unreadable_file(step_dir, e)} ({_first_line(e)}); delete it "
+                            "and rerun to evaluate the latest parameters instead") from e
+
+  @staticmethod
+  def _remove_tmp(folder: str, step: int | None) -> None:
+    if _is_primary():
+      for p in glob.glob(os.path.join(folder, f"{step}{TMP_MARKER}*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+  def close(self) -> None:
+    """Waits for a pending save (errors are logged, not raised: call `wait` first to get
+    them), closes both managers and removes what failed saves left."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      log.error("checkpoint save failed: %s", _first_line(e))
+    self.mngr.close()
+    self.best.close()
+    if self._failed_steps:
+      # The other items of a failed save go on writing in orbax's threads: let them finish
+      # before removing their folder (bounded: a thread that never ends only costs the wait).
+      deadline = time.time() + 30
+      for t in set(threading.enumerate()) - self._threads_before_save:
+        if t is not threading.current_thread() and not t.daemon:
+          t.join(max(deadline - time.time(), 0.0))
+      for step in self._failed_steps:
+        self._remove_tmp(self.dir, step)
+
+
+# ----------------------------------------------------------------------------- inspection
+
+def _local_target(tree: Any) -> Any:
+  """Abstract arrays on the first local device, shaped like checkpoint metadata `tree`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+
+
+def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, params, step) of a train_and_evaluate workdir, on one local device whatever
+  topology saved them.
+
+  Args:
+    workdir: the training workdir.
+    which: "best" (WORKDIR/best/<step>, params only), "latest" (the newest training checkpoint
+      WORKDIR/checkpoints/<step>/state) or "auto" (best if present, else latest).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if which not in ("auto", "best", "latest"):
+    raise ValueError(f"which={which!r}; expected 'auto', 'best' or 'latest'")
+  workdir = os.path.abspath(workdir)   # orbax needs absolute paths
+  config = load_config(workdir)
+  best_dir, ckpt_dir = path(workdir, BEST_DIR), path(workdir, CHECKPOINTS_DIR)
+  if which in ("auto", "best") and os.path.isdir(best_dir):
+    with ocp.CheckpointManager(best_dir, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+      if (step := mngr.latest_step()) is not None:
+        target = _local_target(mngr.item_metadata(step))
+        return config, mngr.restore(step, args=ocp.args.StandardRestore(target)), step
+  if which in ("auto", "latest") and os.path.isdir(ckpt_dir):
+    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
+                DATA_ITER_ITEM: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as mngr:
+      if (step := mngr.latest_step()) is not None:
+        target = _local_target(mngr.item_metadata(step)[STATE_ITEM])
+        restored = mngr.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(target)}))
+        return config, restored[STATE_ITEM]["params"], step
+  raise FileNotFoundError(f"no {which} checkpoint under {workdir!r} (looked in {best_dir} and "
+                          f"{ckpt_dir})")
