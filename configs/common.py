@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.seed = 0
   c.grain_workers = 0          # >0 uses grain multiprocessing (needs absl flags: train.py)
+  c.length_buckets = 0         # >1: batches from that many length buckets (padded tasks; exact,
+                               # but length-homogeneous batches, so the protocol becomes custom)
+  c.init_from = ""             # a trained run's workdir: start from its best parameters
+                               # (post-hoc conversion, luna_jax/transfer.py)
   c.allow_resume_changes = False  # resume with a changed schedule (luna_jax/workdir.py)
   c.allow_truncation = True    # False: refuse ListOps rows longer than seq_len (else counted)
   c.protocol = "custom"        # luna_paper | lra_reference | small | quick (set by the variant)

@@ -27,8 +27,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lra_tasks
-from luna_jax import input_pipeline, metrics as metrics_lib, models, workdir as wd
-from luna_jax.attention import ATTENTION_NAMES
+from luna_jax import input_pipeline, metrics as metrics_lib, models, transfer, workdir as wd
+from luna_jax.attention import ATTENTION_NAMES, get_attention
 from luna_jax.workdir import ConfigError
 
 
@@ -48,7 +48,7 @@ def model_config(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
   return models.ModelConfig.from_config(
       config.model, vocab_size=task.vocab_size, num_classes=task.num_classes,
       max_len=config.model.get("max_len", 0) or config.seq_len, pad_id=task.pad_id,
-      num_docs=task.num_docs)
+      num_docs=task.num_docs, readout_length=config.seq_len)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -57,7 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.attention not in ATTENTION_NAMES:
     raise ConfigError(f"config.model.attention={m.attention!r} is not a known attention; "
                       f"valid names: {', '.join(ATTENTION_NAMES)}")
-  for field, low in _AT_LEAST + ((("model.proj_len", 1),) if m.attention == "luna" else ()):
+  at_least = _AT_LEAST + ((("model.proj_len", 1),) if m.attention == "luna" else ())
+  if config.get("init_from"):   # a converted model may be evaluated as it is (0 steps)
+    at_least = tuple((f, 0 if f == "num_train_steps" else v) for f, v in at_least)
+  for field, low in at_least:
     value = _get(config, field)
     if value is not None and value < low:
       raise ConfigError(f"config.{field}={value} must be >= {low}")
@@ -100,6 +103,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
+  carries_p = getattr(get_attention(m.attention), "carries_p", False)
+  if carries_p and m.block != "post_ln":
+    raise ConfigError(f"config.model.block={m.block!r}, but {m.attention} runs its own post-LN "
+                      "layer (P is updated per layer); set config.model.block=post_ln")
 
 
 # Lower bounds of numeric fields (a missing field is not checked).
@@ -329,6 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
   workdir = os.path.abspath(workdir)
   changes = wd.resume_changes(workdir, config)     # before anything is written
+  if config.get("init_from"):
+    _check_source(config)
   task = lra_tasks.load_task(config)
   check_task(config, task)
   cfg = model_config(config, task)
@@ -346,8 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_sh = jax.tree.map(lambda _: repl, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sh)
-  train_iter = input_pipeline.train_iterator(task.splits["train"], config.batch_size,
-                                             config.seed, config.grain_workers)
+  buckets, lengths = _length_buckets(config, task)
+  if buckets:
+    train_iter = input_pipeline.BucketedBatches(task.splits["train"], lengths["train"],
+                                                config.batch_size, config.seed, buckets)
+  else:
+    train_iter = input_pipeline.train_iterator(task.splits["train"], config.batch_size,
+                                               config.seed, config.grain_workers)
   ckpts = wd.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
   writer = None
   try:
@@ -355,6 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if restored is None:
       first_step = 0
       state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+      if config.get("init_from"):
+        state = _convert_from(config, cfg, state, state_sh, workdir)
     else:
       first_step, state, iter_state = restored
       train_iter.set_state(iter_state)
@@ -392,7 +408,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sums = None
       # eval_max_examples caps model selection only; the test split is always evaluated whole.
       cap = config.eval_max_examples if split == "validation" else 0
-      for batch in input_pipeline.eval_batches(task.splits[split], config.batch_size, cap):
+      batches = (input_pipeline.bucketed_eval_batches(task.splits[split], lengths[split],
+                                                      config.batch_size, buckets, cap)
+                 if buckets else
+                 input_pipeline.eval_batches(task.splits[split], config.batch_size, cap))
+      for batch in batches:
         batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
         batch["class_counts"] *= batch["weights"][:, None]
         out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
@@ -478,6 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "num_train_steps": config.num_train_steps, "finished": stopped_by is None,
         "protocol": config.get("protocol", "custom"), "data": dict(task.provenance),
         "dtype": cfg.dtype, "machine": machine_description()}
+    if config.get("init_from"):
+      results["init_from"] = wd.read_json(wd.path(workdir, wd.INIT_FROM_FILE))
     if stopped_by is None:
       results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
                                        abstract, state_sh, progress))
@@ -496,6 +518,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if writer is not None:
       writer.close()
     ckpts.close()
+
+
+def _length_buckets(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
+                    ) -> tuple[tuple[int, ...], dict[str, np.ndarray]]:
+  """(bucket lengths, real lengths per split) when config.length_buckets > 1 and the task pads;
+  ((), {}) otherwise."""
+  if config.get("length_buckets", 0) <= 1 or task.pad_id is None:
+    return (), {}
+  buckets = input_pipeline.bucket_lengths(config.seq_len, config.length_buckets)
+  lengths = {name: input_pipeline.example_lengths(split, task.pad_id)
+             for name, split in task.splits.items()}
+  _say(f"length buckets {buckets}: " + ", ".join(
+      f"{name} {np.bincount(np.searchsorted(buckets, ls), minlength=len(buckets)).tolist()}"
+      for name, ls in lengths.items()))
+  return buckets, lengths
+
+
+def _check_source(config: ml_collections.ConfigDict) -> None:
+  """config.init_from names a run whose model can become this one (before anything else)."""
+  source = os.path.abspath(config.init_from)
+  try:
+    src_config = wd.load_config(source)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+  transfer.check_compatible(src_config, config, source)
+
+
+def _convert_from(config: ml_collections.ConfigDict, cfg: models.ModelConfig, state: TrainState,
+                  state_sh: Any, workdir: str) -> TrainState:
+  """The initial state with every matching parameter taken from config.init_from's best
+  checkpoint (luna_jax/transfer.py); writes WORKDIR/init_from.json (what was copied,
+  initialised and dropped, and the source's numbers)."""
+  source = os.path.abspath(config.init_from)
+  try:
+    src_config, src_params, src_step = wd.load_params(source, "best")
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
+  params, report = transfer.transfer(src_params, jax.device_get(state.params),
+                                     target_is_luna=models.carries_p(cfg))
+  state = state.replace(params=jax.device_put(params, state_sh.params))
+  src_results = wd.read_json(wd.path(source, wd.RESULTS_FILE)) or {}
+  info = {"workdir": source, "step": int(src_step),
+          "attention": src_config.model.attention,
+          "test_accuracy": src_results.get("test_accuracy"),
+          "summary": report.summary(), **report.to_dict()}
+  if jax.process_index() == 0:
+    wd.write_json(wd.path(workdir, wd.INIT_FROM_FILE), info)
+  _say(f"{report.summary()} (from {source}, step {src_step})")
+  return state
 
 
 def _final_evaluation(ckpts: wd.Checkpoints, workdir: str, writer: metrics_lib.MetricWriter,

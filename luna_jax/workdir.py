@@ -61,6 +61,7 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 TB_DIR = "tb"
 SWEEP_LOG_FILE = "sweep.log"
+INIT_FROM_FILE = "init_from.json"                  # what a converted run took from its source
 CORRUPT_PREFIX = "corrupt-"
 STATE_ITEM, DATA_ITER_ITEM = "state", "data_iter"   # the items of a training checkpoint
 TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save folders

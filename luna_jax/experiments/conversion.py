@@ -8,7 +8,7 @@ For every target mechanism and every N in --steps, two ordinary runs (own workdi
 same metrics as any run): `converted` starts from the source's best checkpoint
 (`config.init_from`, luna_jax/transfer.py) and fine-tunes N steps; `scratch` trains the same
 target from its usual initialisation for the same N steps. N = 0 evaluates the converted model as
-it is (and the untrained scratch model). Both use the source run's config (task, data, sizes,
+it is (no scratch run). Both use the source run's config (task, data, sizes,
 optimizer and schedule) with `model.attention` set to the target, `num_train_steps = N`, a warmup
 of min(source warmup, N / 4) steps and one validation at the end.
 
@@ -74,6 +74,10 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
     for n in steps:
       row = {"target": target, "steps": n, "source_test_accuracy": base}
       for kind in ("converted", "scratch"):
+        if kind == "scratch" and n == 0:    # an untrained model: nothing to compare
+          row.update(scratch_test_accuracy=float("nan"), scratch_recovered=float("nan"),
+                     scratch_majority=float("nan"))
+          continue
         res = run_point(source_dir, source, target, n, kind, root)
         acc = float(res["test_accuracy"])
         row[f"{kind}_test_accuracy"] = acc
@@ -82,8 +86,16 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
       rows.append(row)
       print(f"{target} N={n}: converted {row['converted_test_accuracy']:.4f} "
             f"({100 * row['converted_recovered']:.1f}% of source {base:.4f}), scratch "
-            f"{row['scratch_test_accuracy']:.4f}", flush=True)
+            f"{_acc(row['scratch_test_accuracy'])}", flush=True)
   return rows
+
+
+def _acc(x: float) -> str:
+  return "—" if x != x else f"{x:.4f}"
+
+
+def _pct(x: float) -> str:
+  return "—" if x != x else f"{100 * x:.1f}%"
 
 
 def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dict[str, str]:
@@ -103,9 +115,9 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
            "| target | fine-tune steps N | converted test acc. | converted recovered | "
            "scratch test acc. | scratch recovered |", "|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['target']} | {r['steps']} | {r['converted_test_accuracy']:.4f} | "
-                 f"{100 * r['converted_recovered']:.1f}% | {r['scratch_test_accuracy']:.4f} | "
-                 f"{100 * r['scratch_recovered']:.1f}% |")
+    lines.append(f"| {r['target']} | {r['steps']} | {_acc(r['converted_test_accuracy'])} | "
+                 f"{_pct(r['converted_recovered'])} | {_acc(r['scratch_test_accuracy'])} | "
+                 f"{_pct(r['scratch_recovered'])} |")
   with open(files["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -116,8 +128,9 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
     ns = [r["steps"] for r in pts]
     ax.plot(ns, [100 * r["converted_recovered"] for r in pts], "o-", color=f"C{i}",
             label=f"{target} converted")
-    ax.plot(ns, [100 * r["scratch_recovered"] for r in pts], "x--", color=f"C{i}", alpha=0.6,
-            label=f"{target} scratch")
+    scratch = [r for r in pts if r["scratch_recovered"] == r["scratch_recovered"]]
+    ax.plot([r["steps"] for r in scratch], [100 * r["scratch_recovered"] for r in scratch],
+            "x--", color=f"C{i}", alpha=0.6, label=f"{target} scratch")
   ax.axhline(100, color="gray", lw=0.8)
   if base == base and base > 0 and majority == majority:
     ax.axhline(100 * majority / base, color="gray", lw=0.8, ls=":", label="majority class")

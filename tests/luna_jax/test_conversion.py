@@ -1,0 +1,105 @@
+"""Post-hoc conversion end to end: init_from in the trainer, and the conversion study."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from luna_jax import trainer, workdir as wd
+from luna_jax.experiments import conversion
+from tests.luna_jax.test_trainer import tiny_config
+
+
+def flat(p):
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(p).items()}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A finished tiny softmax run (the conversion source)."""
+  workdir = str(tmp_path_factory.mktemp("source"))
+  trainer.train_and_evaluate(tiny_config("softmax", steps=6), workdir)
+  return workdir
+
+
+def converted_config(target, steps, source_dir):
+  c = tiny_config(target, steps=max(steps, 1))
+  c.num_train_steps = steps
+  c.init_from = source_dir
+  c.model.block = "post_ln" if target == "luna" else "pre_ln"
+  return c
+
+
+def test_softmax_to_softmax_reproduces_the_source_evaluation(source, tmp_path):
+  src = wd.read_json(wd.path(source, wd.RESULTS_FILE))
+  res = trainer.train_and_evaluate(converted_config("softmax", 0, source), str(tmp_path))
+  assert res["test_accuracy"] == src["test_accuracy"]
+  assert res["test_loss"] == pytest.approx(src["test_loss"], rel=1e-6)
+  info = res["init_from"]
+  assert info["workdir"] == os.path.abspath(source) and not info["initialised"]
+  assert info["test_accuracy"] == src["test_accuracy"]
+
+
+def test_learned_kernel_target_copies_bitwise_and_adds_only_its_own(source, tmp_path):
+  res = trainer.train_and_evaluate(converted_config("learned_kernel", 0, source),
+                                   str(tmp_path))
+  info = res["init_from"]
+  assert info["initialised"] and all(
+      p.rsplit("/", 1)[-1] in ("feature_proj", "feature_bias", "psi_w1", "psi_b1", "psi_w2",
+                               "psi_b2") for p in info["initialised"])
+  assert not info["dropped"]
+  _, src_params, _ = wd.load_params(source, "best")
+  _, new_params, step = wd.load_params(str(tmp_path), "best")   # 0 steps: the converted model
+  assert step == 0
+  s, n = flat(src_params), flat(new_params)
+  for path in info["copied"]:
+    np.testing.assert_array_equal(n[path], s[path])
+  assert set(n) - set(s) == set(info["initialised"])
+  with open(tmp_path / wd.INIT_FROM_FILE) as f:
+    assert json.load(f)["summary"].startswith("init_from: copied")
+
+
+def test_fine_tune_is_an_ordinary_resumable_run(source, tmp_path):
+  c = converted_config("linear_elu", 3, source)
+  res = trainer.train_and_evaluate(c, str(tmp_path))
+  assert res["finished"] and res["step"] == 3 and res["init_from"]["attention"] == "softmax"
+  again = trainer.train_and_evaluate(c, str(tmp_path))      # a rerun re-evaluates, same numbers
+  assert again["test_accuracy"] == res["test_accuracy"]
+
+
+def test_incompatible_source_fails_before_compute(source, tmp_path):
+  c = converted_config("learned_kernel", 2, source)
+  c.model.emb_dim = 32
+  with pytest.raises(ValueError, match="model.emb_dim: source 16, target 32"):
+    trainer.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / wd.CHECKPOINTS_DIR).exists()
+
+
+def test_study_writes_table_and_plot(source, tmp_path):
+  rows = conversion.run_study(source, ["linear_elu"], [0, 2], str(tmp_path))
+  assert [(r["target"], r["steps"]) for r in rows] == [("linear_elu", 0), ("linear_elu", 2)]
+  src_acc = wd.read_json(wd.path(source, wd.RESULTS_FILE))["test_accuracy"]
+  for r in rows:
+    assert r["converted_recovered"] == pytest.approx(r["converted_test_accuracy"] / src_acc)
+  assert rows[0]["scratch_test_accuracy"] != rows[0]["scratch_test_accuracy"]   # NaN at N=0
+  assert 0.0 <= rows[1]["scratch_test_accuracy"] <= 1.0
+  files = conversion.write_outputs(rows, str(tmp_path), source)
+  md = open(files["md"]).read()
+  assert "| linear_elu | 2 |" in md and os.path.getsize(files["png"]) > 1000
+
+
+def test_length_buckets_evaluate_exactly_and_train(source, tmp_path):
+  """The same (converted, 0-step) parameters evaluated with and without length buckets."""
+  plain = trainer.train_and_evaluate(converted_config("softmax", 0, source),
+                                     str(tmp_path / "plain"))
+  c = converted_config("softmax", 0, source)
+  c.length_buckets = 3
+  bucketed = trainer.train_and_evaluate(c, str(tmp_path / "bucketed"))
+  assert bucketed["test_accuracy"] == plain["test_accuracy"]
+  assert bucketed["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+  t = tiny_config("luna", steps=4)
+  t.length_buckets = 3
+  res = trainer.train_and_evaluate(t, str(tmp_path / "train"))
+  assert res["finished"] and res["step"] == 4
