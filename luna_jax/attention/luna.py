@@ -20,6 +20,14 @@ from luna_jax.attention import common
 Array = jax.Array
 
 
+def block_diagonal(x_BxLxHxK: Array) -> Array:
+  """[B, l, H, K] -> [B, H*l, H*K]: row (h, j) holds x[:, j, h] in head h's channels."""
+  b, l, h, k = x_BxLxHxK.shape
+  eye_HxH = jnp.eye(h, dtype=x_BxLxHxK.dtype)
+  bd_BxHxLxGxK = jnp.einsum("bjhk,hg->bhjgk", x_BxLxHxK, eye_HxH)
+  return bd_BxHxLxGxK.reshape(b, h * l, h * k)
+
+
 class LunaAttention(nn.Module):
   """Luna attention: returns (unpacked output Y_X [B,N,D], packed context Y_P [B,l,D])."""
   carries_p = True                 # the encoder keeps a packed sequence P for it (models.py)
@@ -56,14 +64,19 @@ class LunaAttention(nn.Module):
     x_params = [common.projection_params(d, n, gain=g, fan_in=d)(d) for n in names]
     *pkv, q_BxNxD = common.fused_dense(x_BxNxD, x_params, self.dtype)
     pk_BxNxD, pv_BxNxD = (pkv[0], pkv[0]) if self.tie_kv else pkv
-    pk_BxNxHxK = common.split_heads(pk_BxNxD, hp)
-    pv_BxNxHxK = common.split_heads(pv_BxNxD, hp)
-    pctx_BxLxHxK = self._attend(pq_BxLxHxK, pk_BxNxHxK, pv_BxNxHxK, mask_BxN, "pack_attn",
-                                deterministic)
-    pctx_BxLxD = common.merge_heads(pctx_BxLxHxK)
+    l = p_BxLxD.shape[1]
+    if self._block_diagonal(hp, l, deterministic):
+      pctx_BxLxD = self._pack_block_diagonal(pq_BxLxHxK, pk_BxNxD, pv_BxNxD, mask_BxN,
+                                             deterministic)
+    else:
+      pk_BxNxHxK = common.split_heads(pk_BxNxD, hp)
+      pv_BxNxHxK = common.split_heads(pv_BxNxD, hp)
+      pctx_BxLxHxK = self._attend(pq_BxLxHxK, pk_BxNxHxK, pv_BxNxHxK, mask_BxN, "pack_attn",
+                                  deterministic)
+      pctx_BxLxD = common.merge_heads(pctx_BxLxHxK)
 
     # Unpack: X queries attend over the packed context.
-    q_BxNxHxK = common.split_heads(q_BxNxD, h) * (d // h)**-0.5
+    q_BxNxD = q_BxNxD * (d // h)**-0.5
     if self.tie_kv:
       k_BxLxD = v_BxLxD = self._proj("c_proj", d, g)(pctx_BxLxD)
     else:
@@ -72,10 +85,66 @@ class LunaAttention(nn.Module):
                        for n in ("k_proj", "v_proj")], self.dtype)
     k_BxLxHxK = common.split_heads(k_BxLxD, h)
     v_BxLxHxK = common.split_heads(v_BxLxD, h)
-    y_BxNxHxK = self._attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, p_mask_BxL, "unpack_attn",
-                             deterministic)
-    y_BxNxD = self._proj("out_proj", d, 1.0)(common.merge_heads(y_BxNxHxK))
+    if self._block_diagonal(h, l, deterministic):
+      o_BxNxD = self._unpack_block_diagonal(q_BxNxD, k_BxLxHxK, v_BxLxHxK, p_mask_BxL,
+                                            deterministic)
+    else:
+      y_BxNxHxK = self._attend(common.split_heads(q_BxNxD, h), k_BxLxHxK, v_BxLxHxK,
+                               p_mask_BxL, "unpack_attn", deterministic)
+      o_BxNxD = common.merge_heads(y_BxNxHxK)
+    y_BxNxD = self._proj("out_proj", d, 1.0)(o_BxNxD)
     return y_BxNxD, pctx_BxLxD
+
+  # With few packed slots, all heads run as one matmul against a block-diagonal [H*l, D]
+  # operand (head h's l rows hold its channels, zeros elsewhere): the N-long tensors stay
+  # [B, N, D] and are never transposed into heads. The zeros cost H x the (small) attention
+  # FLOPs, so this is used while H * l <= BLOCK_DIAGONAL_MAX_SLOTS; the results equal the per-head
+  # form up to summation order.
+  BLOCK_DIAGONAL_MAX_SLOTS = 64
+
+  def _block_diagonal(self, heads: int, l: int, deterministic: bool) -> bool:
+    dropout_active = not deterministic and self.dropout_rate > 0.0
+    impl = common.resolve_implementation(self.implementation, self.dtype, dropout_active)
+    return impl == "xla" and heads * l <= self.BLOCK_DIAGONAL_MAX_SLOTS
+
+  def _pack_block_diagonal(self, pq_BxLxHxK: Array, pk_BxNxD: Array, pv_BxNxD: Array,
+                           mask_BxN: Array | None, deterministic: bool) -> Array:
+    """Pack for all heads at once: [B, H*l, D] queries x [B, N, D] keys -> context [B, l, D]."""
+    b, l, h, k = pq_BxLxHxK.shape
+    pq_BxMxD = block_diagonal(pq_BxLxHxK)                       # M = H * l, rows (h, j)
+    s_BxMxN = jnp.einsum("bmd,bnd->bmn", pq_BxMxD, pk_BxNxD,
+                         preferred_element_type=jnp.float32)
+    mask = None if mask_BxN is None else mask_BxN[:, None, :]
+    a_BxMxN = common.masked_softmax(s_BxMxN, mask)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "pack_attn", a_BxMxN.reshape(b, h, l, -1))
+    a_BxMxN = self._dropout(a_BxMxN, deterministic)
+    c_BxMxD = jnp.einsum("bmn,bnd->bmd", a_BxMxN.astype(pv_BxNxD.dtype), pv_BxNxD)
+    # Row (h, j) needs only head h's channels: take the diagonal blocks.
+    c_BxHxLxGxK = c_BxMxD.reshape(b, h, l, h, k)
+    ctx_BxLxHxK = jnp.einsum("bhlgk,hg->blhk", c_BxHxLxGxK, jnp.eye(h, dtype=c_BxMxD.dtype))
+    return common.merge_heads(ctx_BxLxHxK)
+
+  def _unpack_block_diagonal(self, q_BxNxD: Array, k_BxLxHxK: Array, v_BxLxHxK: Array,
+                             p_mask_BxL: Array | None, deterministic: bool) -> Array:
+    """Unpack for all heads at once: [B, N, D] queries x [B, H*l, D] keys -> [B, N, D]
+    (heads already merged)."""
+    b, l, h, _ = k_BxLxHxK.shape
+    n = q_BxNxD.shape[1]
+    k_BxMxD, v_BxMxD = block_diagonal(k_BxLxHxK), block_diagonal(v_BxLxHxK)
+    s_BxNxHxL = jnp.einsum("bnd,bmd->bnm", q_BxNxD, k_BxMxD,
+                           preferred_element_type=jnp.float32).reshape(b, n, h, l)
+    mask = None if p_mask_BxL is None else p_mask_BxL[:, None, None, :]
+    a_BxNxHxL = common.masked_softmax(s_BxNxHxL, mask)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "unpack_attn", a_BxNxHxL.transpose(0, 2, 1, 3))
+    a_BxNxM = self._dropout(a_BxNxHxL, deterministic).reshape(b, n, h * l)
+    return jnp.einsum("bnm,bmd->bnd", a_BxNxM.astype(v_BxMxD.dtype), v_BxMxD)
+
+  def _dropout(self, a: Array, deterministic: bool) -> Array:
+    if not deterministic and self.dropout_rate > 0.0:
+      return common.Dropout(self.dropout_rate)(a, deterministic=False)
+    return a
 
   def _attend(self, q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
               key_mask_BxS: Array | None, name: str, deterministic: bool) -> Array:
@@ -92,6 +161,5 @@ class LunaAttention(nn.Module):
     mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
     a_BxHxTxS = common.masked_softmax(s_BxHxTxS, mask)
     self.sow("intermediates", name, a_BxHxTxS)
-    if not deterministic and self.dropout_rate > 0.0:
-      a_BxHxTxS = common.Dropout(self.dropout_rate)(a_BxHxTxS, deterministic=False)
+    a_BxHxTxS = self._dropout(a_BxHxTxS, deterministic)
     return jnp.einsum("bhts,bshk->bthk", a_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)

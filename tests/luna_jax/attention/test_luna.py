@@ -177,3 +177,32 @@ def test_cudnn_path_equals_reference_in_bfloat16():
   np.testing.assert_allclose(np.asarray(yp2, np.float32), np.asarray(yp, np.float32), atol=tol)
   np.testing.assert_allclose(np.asarray(y2, np.float32)[mask], np.asarray(y, np.float32)[mask],
                              atol=tol)
+
+
+class _PerHeadLuna(LunaAttention):
+  BLOCK_DIAGONAL_MAX_SLOTS = 0       # always the per-head einsum form
+
+
+@pytest.mark.parametrize("pack_heads,tie", [(0, False), (2, True)])
+def test_block_diagonal_form_equals_per_head_form(pack_heads, tie):
+  x, p, mask = _inputs()
+  p_mask = jnp.array([[True] * L, [True, True, True, False]])
+  fast = LunaAttention(num_heads=H, num_pack_heads=pack_heads, tie_kv=tie, dropout_rate=0.2)
+  slow = _PerHeadLuna(num_heads=H, num_pack_heads=pack_heads, tie_kv=tie, dropout_rate=0.2)
+  assert fast._block_diagonal(H, L, True) and not slow._block_diagonal(H, L, True)
+  params = fast.init(jax.random.key(1), x, mask, p)
+  (y1, p1), s1 = fast.apply(params, x, mask, p, p_mask, mutable=["intermediates"])
+  (y2, p2), s2 = slow.apply(params, x, mask, p, p_mask, mutable=["intermediates"])
+  np.testing.assert_allclose(y1, y2, atol=1e-5)
+  np.testing.assert_allclose(p1, p2, atol=1e-5)
+  for name in ("pack_attn", "unpack_attn"):   # the sown maps have the same layout and values
+    np.testing.assert_allclose(s1["intermediates"][name][0], s2["intermediates"][name][0],
+                               atol=1e-6)
+
+  def loss(module, prm):
+    y, yp = module.apply(prm, x, mask, p, p_mask)
+    return (y ** 2).sum() + (yp ** 2).sum()
+
+  for g1, g2 in zip(jax.tree.leaves(jax.grad(lambda v: loss(fast, v))(params)),
+                    jax.tree.leaves(jax.grad(lambda v: loss(slow, v))(params))):
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-4)
