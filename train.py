@@ -18,12 +18,17 @@ LUNA_JAX_DISTRIBUTED=1 on TPU pods and Slurm (auto-detected).
 """
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from luna_jax import runtime
 
-import lra_tasks
-from configs import common
-from luna_jax import metrics, sweep, trainer, workdir as wd
+if __name__ == "__main__":
+  runtime.preload_tcmalloc()   # before JAX starts (luna_jax/runtime.py says why)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import lra_tasks  # noqa: E402
+from configs import common  # noqa: E402
+from luna_jax import metrics, sweep, trainer, workdir as wd  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)

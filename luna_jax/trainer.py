@@ -27,7 +27,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lra_tasks
-from luna_jax import input_pipeline, metrics as metrics_lib, models, transfer, workdir as wd
+from luna_jax import input_pipeline, metrics as metrics_lib, models, runtime, transfer
+from luna_jax import workdir as wd
 from luna_jax.attention import ATTENTION_NAMES, get_attention
 from luna_jax.workdir import ConfigError
 
@@ -298,7 +299,7 @@ def machine_description() -> dict[str, Any]:
     pass
   return {"device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
           "num_processes": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-          "jax": jax.__version__}
+          "jax": jax.__version__, "malloc": runtime.allocator()}
 
 
 def _peak_memory_bytes() -> int | None:

@@ -1,0 +1,36 @@
+"""The allocator setup: tcmalloc is preloaded by re-executing, unless told not to."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from luna_jax import runtime
+
+CHILD = ("from luna_jax import runtime; runtime.preload_tcmalloc(); "
+         "import os; print(runtime.allocator(), os.environ.get('LD_PRELOAD', ''))")
+
+
+def run_child(**env):
+  out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                       env={**os.environ, **env}, check=True, timeout=120)
+  return out.stdout.split()
+
+
+@pytest.mark.skipif(runtime.tcmalloc_path() is None, reason="tcmalloc is not installed")
+def test_preloads_tcmalloc_once():
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime.ENV)}
+  out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+                       check=True, timeout=120).stdout.split()
+  assert out[0] == "tcmalloc" and runtime.tcmalloc_path() in out[1]
+
+
+def test_system_malloc_when_asked():
+  assert run_child(LUNA_JAX_MALLOC="system", LD_PRELOAD="")[0] == "system"
+
+
+def test_allocator_reads_ld_preload(monkeypatch):
+  monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc_minimal.so.4")
+  assert runtime.allocator() == "tcmalloc"
+  monkeypatch.setenv("LD_PRELOAD", "")
+  assert runtime.allocator() == "system"
