@@ -42,5 +42,4 @@ def preload_tcmalloc(argv: list[str] | None = None) -> None:
   env = dict(os.environ)
   env["LD_PRELOAD"] = os.pathsep.join(filter(None, [lib, env.get("LD_PRELOAD")]))
   env[ENV] = "tcmalloc"
-  argv = argv or [sys.executable] + sys.argv
-  os.execve(argv[0], argv, env)
+  os.execve(sys.executable, argv or sys.orig_argv, env)   # orig_argv: python -c/-m too
