@@ -57,6 +57,8 @@ from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+from luna_jax import runtime  # noqa: E402  (no JAX import: safe in the parent and torch workers)
+
 IMPLS = ("torch", "jax")
 WHATS = ("attention", "layer")
 RESULT_PREFIX = "RESULT "
@@ -262,6 +264,11 @@ def run_worker(impl: str, args: argparse.Namespace, extra: Sequence[str],
     if omp_policy != "default":
       env["OMP_WAIT_POLICY"] = omp_policy.upper()
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  # The same allocator for both sides (luna_jax/runtime.py: why it matters on CPU).
+  env.pop("LD_PRELOAD", None)
+  env[runtime.ENV] = args.malloc
+  if args.malloc == "tcmalloc":
+    env["LD_PRELOAD"] = runtime.tcmalloc_path()
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -318,7 +325,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"jax {m['versions'].get('jax', '?')} / flax {m['versions'].get('flax', '?')}; "
       f"B={m['batch']}, D={m['dim']}, {m['heads']} heads, FFN {m['ffn']}, "
       f"pad_frac {m['pad_frac']}; warmup {m['warmup']}, median of {m['repeats']}, "
-      f"{m['rounds']} round(s).",
+      f"{m['rounds']} round(s); allocator of both sides: {m.get('malloc', 'system')}.",
       "",
       "Forward + backward of sum(outputs) w.r.t. params, x and P. ratio = torch ms / jax ms "
       "(> 1: JAX faster). Peak RSS is the raw ru_maxrss of the measuring subprocess; idle "
@@ -416,7 +423,7 @@ def parent_main(args: argparse.Namespace) -> int:
                "heads": args.heads, "ffn": args.ffn, "pad_frac": args.pad_frac,
                "warmup": args.warmup, "repeats": args.repeats, "rounds": args.rounds,
                "seed": args.seed, "xla_flags": os.environ.get("XLA_FLAGS"),
-               "torch_omp_wait_policies": policies,
+               "torch_omp_wait_policies": policies, "malloc": args.malloc,
                "dtype": "float32", "device": "cpu"},
       "baseline": baseline, "baseline_runs": baseline_runs, "results": results,
   }
@@ -457,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="comma list of OMP_WAIT_POLICY settings for torch (default = unset, "
                        "passive, active); the fastest is the torch figure")
   ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+  ap.add_argument("--malloc", default="tcmalloc" if runtime.tcmalloc_path() else "system",
+                  choices=("system", "tcmalloc"),
+                  help="allocator of both sides' subprocesses (default: tcmalloc if installed)")
   ap.add_argument("--out_json", default="")
   ap.add_argument("--out_md", default="")
   # internal: one measurement in this (fresh) process
