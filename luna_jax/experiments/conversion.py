@@ -164,4 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from luna_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.preload_tcmalloc()
   sys.exit(main())
