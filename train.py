@@ -28,7 +28,8 @@ from ml_collections import config_flags  # noqa: E402
 
 import lra_tasks  # noqa: E402
 from configs import common  # noqa: E402
-from luna_jax import metrics, sweep, trainer, workdir as wd  # noqa: E402
+from luna_jax import metrics, trainer, workdir as wd  # noqa: E402
+from luna_jax.experiments import sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)

@@ -10,7 +10,7 @@ starting with a UTF-8 BOM is an error). Empty documents are kept and counted in 
 documents cut to `seq_len` are counted in a notice.
 
 Records are `{"inputs": int32[2, seq_len], "targets": int32[]}`: row 0 is text1, row 1 is text2,
-each tokenized on its own with `lra_tasks.bytes` (byte b is b + 1, pad 0, and with
+each tokenized on its own with `lra_tasks.byte_tokens` (byte b is b + 1, pad 0, and with
 `config.model.readout == "cls"`, the default, `[CLS=257, bytes..., EOS=258, 0...]`). Loading
 keeps each document's first `seq_len - #specials` bytes in one flat uint8 buffer and tokenizes
 lazily in a grain `.map`, so records are cheap to hold and memory is bounded by
@@ -31,7 +31,7 @@ from etils import epath
 import grain
 import numpy as np
 
-from lra_tasks import bytes as byte_tokens
+from lra_tasks import byte_tokens
 from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
 
 log = logging.getLogger(__name__)

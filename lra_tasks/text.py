@@ -1,7 +1,7 @@
 """LRA Text: IMDB sentiment at the byte level, read from a TFDS array_record build without TF.
 
 Records are `{"inputs": int32[seq_len], "targets": int32[]}` (0 = negative, 1 = positive).
-Token ids come from `lra_tasks.bytes`: byte b is b + 1, pad is 0, CLS 257, EOS 258. With
+Token ids come from `lra_tasks.byte_tokens`: byte b is b + 1, pad is 0, CLS 257, EOS 258. With
 `config.model.readout == "cls"` (the default here, as in Luna) a review reads
 `[CLS, bytes..., EOS, 0...]`, so Luna's 4000 bytes need `seq_len = 4002`; otherwise only bytes
 and padding. Longer reviews are cut (the LRA protocol); records are tokenized lazily, so they are
@@ -37,7 +37,7 @@ from etils import epath
 import grain
 import numpy as np
 
-from lra_tasks import bytes as byte_tokens
+from lra_tasks import byte_tokens
 from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
 
 TFDS_NAME = "imdb_reviews"

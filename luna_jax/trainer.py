@@ -458,7 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if fb >= 0:
             msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good "
                    f"checkpoint in {ckpts.dir} is kept (step {ckpts.latest_step()}).")
-            if jax.process_index() == 0:   # marker read by luna_jax.results
+            if jax.process_index() == 0:   # marker read by luna_jax.experiments.results
               with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
                 f.write(f"NonFiniteLossError: {msg}\n")
             raise NonFiniteLossError(msg)

@@ -12,7 +12,7 @@ bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep an
   WORKDIR/checkpoints/corrupt-<step>/   an unreadable checkpoint, moved aside
   WORKDIR/best/<step>/            parameters of the best validation score (one step)
   WORKDIR/tb/                     TensorBoard events
-  WORKDIR/sweep.log               output of `luna_jax.sweep` runs
+  WORKDIR/sweep.log               output of `luna_jax.experiments.sweep` runs
 
 Resume rules (`resume_changes`). A workdir that holds checkpoints is resumed only with a config
 that makes the same model on the same data. Fields are classified here and nowhere else:
@@ -65,7 +65,7 @@ INIT_FROM_FILE = "init_from.json"                  # what a converted run took f
 CORRUPT_PREFIX = "corrupt-"
 STATE_ITEM, DATA_ITER_ITEM = "state", "data_iter"   # the items of a training checkpoint
 TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save folders
-# Any of these makes a folder a run (luna_jax.results).
+# Any of these makes a folder a run (luna_jax.experiments.results).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
 
 MODEL_DATA, SCHEDULE, BOOKKEEPING = "model/data", "schedule", "bookkeeping"
@@ -80,7 +80,7 @@ BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "log_every", "checkpoin
 
 log = logging.getLogger(__name__)
 # jax and orbax are imported where checkpoints are touched, so that reading a run folder
-# (luna_jax.results, luna_jax.sweep) stays fast.
+# (luna_jax.experiments.results, .sweep) stays fast.
 
 
 class ConfigError(ValueError):

@@ -27,7 +27,7 @@
 # The notebook trains three small models with `trainer.train_and_evaluate`: Luna and softmax
 # on generated ListOps, and Luna on generated Pathfinder. A workdir that already holds
 # `results.json` is loaded instead of retrained. The maps come from
-# `luna_jax.inspect_attention`, the figures from `luna_jax.plotting`, and every figure is
+# `luna_jax.analysis.attention_maps`, the figures from `luna_jax.analysis.plotting`, and every figure is
 # saved as a PNG under `OUT_DIR`. Padded positions are drawn in grey.
 #
 # Source: `notebooks/attention_maps.py` (jupytext, paired with the `.ipynb`; edit the `.py`
@@ -51,7 +51,8 @@ from IPython.display import Image, display
 import lra_tasks
 from configs import listops as listops_config
 from configs import pathfinder as pathfinder_config
-from luna_jax import inspect_attention, plotting, trainer
+from luna_jax import trainer, workdir as wd
+from luna_jax.analysis import attention_maps, plotting
 
 os.makedirs(OUT_DIR, exist_ok=True)
 
@@ -107,9 +108,9 @@ configs = {
 trained = {}
 for name, config in configs.items():
   workdir = os.path.join(WORKDIR, name)
-  if not os.path.exists(os.path.join(workdir, trainer.RESULTS_FILE)):
+  if not os.path.exists(wd.path(workdir, wd.RESULTS_FILE)):
     trainer.train_and_evaluate(config, workdir)
-  saved_config, params, step = inspect_attention.load_params(workdir)
+  saved_config, params, step = attention_maps.load_params(workdir)
   task = lra_tasks.load_task(saved_config)
   trained[name] = dict(config=saved_config, params=params, task=task,
                       model_cfg=trainer.model_config(saved_config, task))
@@ -131,7 +132,7 @@ def batch(task, n=4):
 
 m = trained["listops_luna"]
 tokens = batch(m["task"])
-luna_layers = inspect_attention.attention_maps(m["model_cfg"], m["params"], tokens)
+luna_layers = attention_maps.attention_maps(m["model_cfg"], m["params"], tokens)
 b = EXAMPLE
 first = luna_layers[0]
 # ListOps pads at the end: show the real tokens and a few padded positions (grey).
@@ -167,8 +168,8 @@ for layer in luna_layers:
   titles.append(f"Luna effective, layer {layer.layer}")
 s = trained["listops_softmax"]
 try:
-  softmax_layers = inspect_attention.attention_maps(s["model_cfg"], s["params"], batch(s["task"]))
-except inspect_attention.MapNotSownError as e:   # softmax.py not wired yet
+  softmax_layers = attention_maps.attention_maps(s["model_cfg"], s["params"], batch(s["task"]))
+except attention_maps.MapNotSownError as e:   # softmax.py not wired yet
   softmax_layers = []
   print(f"softmax map unavailable: {e}")
 for layer in softmax_layers:
@@ -194,7 +195,7 @@ p = trained["pathfinder_luna"]
 images = batch(p["task"])
 res = p["config"].pathfinder.resolution
 offset = images.shape[-1] - res * res          # 1 when a CLS token is prepended
-pf_layers = inspect_attention.attention_maps(p["model_cfg"], p["params"], images)
+pf_layers = attention_maps.attention_maps(p["model_cfg"], p["params"], images)
 image = images[b, offset:].reshape(res, res)
 pack_slots = pf_layers[0].pack_BxHxLxN[b].mean(axis=0)       # [l, N]
 k = min(len(pack_slots), 11)

@@ -1,7 +1,7 @@
 """A tiny sweep library: lists of `{key: value}` dicts combined by product, zip and chain.
 
 Keys are config fields as on the command line without the `config.` prefix
-(`learning_rate`, `model.proj_len`), plus three reserved keys read by `luna_jax.sweep`:
+(`learning_rate`, `model.proj_len`), plus three reserved keys read by `luna_jax.experiments.sweep`:
 `config` (the config file, e.g. `configs/listops.py`), `arg` (its argument, e.g. `luna,l=16`)
 and `name` (an optional tag appended to the run's workdir name).
 

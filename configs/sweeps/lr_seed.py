@@ -1,8 +1,8 @@
 r"""A learning-rate x seed sweep for one task and mechanism.
 
-  python -m luna_jax.sweep run configs/sweeps/lr_seed.py:listops,luna,l=256 --root runs/lr \
+  python -m luna_jax.experiments.sweep run configs/sweeps/lr_seed.py:listops,luna,l=256 --root runs/lr \
       --dry-run
-  python -m luna_jax.sweep run configs/sweeps/lr_seed.py:text,softmax,lrs=0.025+0.05+0.1,seeds=2 \
+  python -m luna_jax.experiments.sweep run configs/sweeps/lr_seed.py:text,softmax,lrs=0.025+0.05+0.1,seeds=2 \
       --root runs/lr
 
 Argument: a task word (default listops), an attention word (default luna), and optionally

@@ -1,6 +1,6 @@
 r"""The full LRA grid: Luna l in {16, 128, 256} and the baselines, each with its task recipe.
 
-  python -m luna_jax.sweep run configs/sweeps/lra_luna.py:data=/data,seeds=3 \
+  python -m luna_jax.experiments.sweep run configs/sweeps/lra_luna.py:data=/data,seeds=3 \
       --root gs://BUCKET/lra --launcher tpu --tpu NAME --zone ZONE --dry-run
 
 Argument (comma-separated, all optional):

@@ -1,7 +1,7 @@
 r"""A tiny local sweep over the quick configs (generated data; a few CPU minutes in all).
 
-  python -m luna_jax.sweep run configs/sweeps/quick.py --root runs/quick_sweep
-  python -m luna_jax.results --root runs/quick_sweep --out runs/quick_sweep/report
+  python -m luna_jax.experiments.sweep run configs/sweeps/quick.py --root runs/quick_sweep
+  python -m luna_jax.experiments.results --root runs/quick_sweep --out runs/quick_sweep/report
 
 Argument (optional): steps=N (default 200), seeds=N (default 1),
 tasks=A+B (default listops; pathfinder also runs on generated data),

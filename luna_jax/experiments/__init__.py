@@ -1,2 +1,3 @@
-"""Experiments built on the trainer: the conversion study (and, with the sweep launcher and the
-results table, everything that runs or aggregates many runs)."""
+"""Everything that runs or aggregates many training runs: the sweep launcher (`sweep`), the
+results table and plots (`results`, with the published numbers in `published`), and the
+post-hoc conversion study (`conversion`)."""

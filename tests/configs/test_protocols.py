@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import common
-from lra_tasks import bytes as byte_tokens
+from lra_tasks import byte_tokens
 from lra_tasks import listops
 from luna_jax import models, trainer
 from luna_jax.attention import ATTENTION_NAMES

@@ -63,7 +63,7 @@ def test_kernel_targets_add_only_their_own_parameters(target, kw, new):
 
 def test_luna_target_maps_projections_and_adds_p():
   src = init(CFG, 0)
-  luna_cfg = dataclasses.replace(CFG, attention="luna", proj_len=4)
+  luna_cfg = dataclasses.replace(CFG, attention="luna", proj_len=4, block="post_ln")
   params, report = transfer.transfer(src, init(luna_cfg, 1), target_is_luna=True)
   out, s = flat(params), flat(src)
   for tgt, name in (("q_proj", "query"), ("pk_proj", "key"), ("pv_proj", "value"),

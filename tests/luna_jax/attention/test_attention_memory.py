@@ -20,7 +20,7 @@ CONFIGS = [
     ("linear_elu", {}),
     ("performer", {"num_features": 32}),
     ("performer", {"kernel": "relu"}),
-    ("learned_kernel", {"num_features": 4, "num_outputs": 2, "hidden": 8}),
+    ("learned_kernel", {"num_features": 4, "num_outputs": 2, "hidden": 8, "feature_chunk": 0}),
     ("cosformer", {}),
 ]
 
@@ -73,6 +73,21 @@ def test_linear_mechanisms_stay_linear(name, kw, causal):
   assert not _has_nxn(small, N_SMALL) and not _has_nxn(large, N_LARGE)
   ratio = _largest(large) / _largest(small)
   assert 3.0 <= ratio <= 5.0, ratio   # N x4 -> largest intermediate about x4, not x16
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal_chunked"])
+def test_learned_kernel_chunked_feature_map_does_not_grow_with_n(causal):
+  """With `feature_chunk` tokens per chunk the per-token MLP intermediates stay chunk-sized."""
+  kw = {"num_features": 4, "num_outputs": 2, "hidden": 64, "feature_chunk": 128}
+  small, large = (_shapes("learned_kernel", kw, n, causal, with_grad=True)
+                  for n in (N_SMALL, N_LARGE))
+  unchunked = _shapes("learned_kernel", {**kw, "feature_chunk": 0}, N_LARGE, causal,
+                      with_grad=True)
+  assert not _has_nxn(large, N_LARGE)
+  # The largest intermediate of the unchunked map is the B x N x H x hidden MLP activation.
+  assert _largest(unchunked) >= B * N_LARGE * H * 64
+  assert _largest(large) < _largest(unchunked) / 2
+  assert _largest(large) / _largest(small) <= 5.0
 
 
 def test_softmax_control_has_nxn():

@@ -1,6 +1,6 @@
 r"""Aggregates training workdirs into the LRA table (markdown, CSV) and plots.
 
-  python -m luna_jax.results --root runs/lra --out runs/lra/report [--published]
+  python -m luna_jax.experiments.results --root runs/lra --out runs/lra/report [--published]
 
 Every folder under --root holding config.json, metrics.jsonl or results.json is one run. A run
 is `finished` (results.json), `diverged` (a non-finite train_loss in metrics.jsonl, or a FAILED
@@ -25,7 +25,7 @@ import statistics
 import sys
 from typing import Any, Iterable
 
-from luna_jax import published as pub
+from luna_jax.experiments import published as pub
 from luna_jax import workdir as wd
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -132,14 +132,7 @@ _read_json = wd.read_json       # None if absent; errors name the file
 _read_jsonl = wd.read_jsonl     # [] if absent; errors name the file and line
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+_flatten = wd.flatten            # {"a": {"b": 1}} -> {"a.b": 1}
 
 
 def workdir_status(workdir: str) -> tuple[str, str]:
@@ -648,7 +641,7 @@ def write_report(roots: list[str], out_dir: str, with_published: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m luna_jax.results", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m luna_jax.experiments.results", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--root", action="append", required=True,
                       help="folder of workdirs (repeatable); searched recursively")

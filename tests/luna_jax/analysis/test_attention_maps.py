@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from luna_jax import inspect_attention as ia
+from luna_jax.analysis import attention_maps as ia
 from luna_jax import models
-from luna_jax import plotting
+from luna_jax.analysis import plotting
 from luna_jax.attention import get_attention
 
 N = 13          # distinct from every other dimension, so [N, N] arrays are recognisable

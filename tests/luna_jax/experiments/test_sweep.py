@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from configs.sweeps import hyper as h
-from luna_jax import results
-from luna_jax import sweep
+from luna_jax.experiments import results
+from luna_jax.experiments import sweep
 
 
 def test_hyper_combinators_order_and_counts():

@@ -1,7 +1,7 @@
 r"""Runs a sweep: expands a sweep file into points and runs `train.py` once per point.
 
-  python -m luna_jax.sweep run configs/sweeps/quick.py --root runs/quick [--parallel 2]
-  python -m luna_jax.sweep run configs/sweeps/lra_luna.py:data=/data --root gs://B/lra \
+  python -m luna_jax.experiments.sweep run configs/sweeps/quick.py --root runs/quick [--parallel 2]
+  python -m luna_jax.experiments.sweep run configs/sweeps/lra_luna.py:data=/data --root gs://B/lra \
       --launcher tpu --tpu NAME --zone ZONE [--project P] --dry-run
 
 A sweep file has `get_sweep(arg) -> list[dict]` (see configs/sweeps/hyper.py): each dict names
@@ -32,10 +32,10 @@ import threading
 import types
 from typing import Any, Callable, Sequence
 
-from luna_jax import results as results_lib
+from luna_jax.experiments import results as results_lib
 from luna_jax import workdir as wd
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RESERVED = ("config", "arg", "name")
 LOG_FILE = wd.SWEEP_LOG_FILE
 
@@ -84,9 +84,7 @@ def load_module(path: str) -> types.ModuleType:
   if not full.exists():
     raise FileNotFoundError(f"{path} not found (also looked in {REPO})")
   key = str(full.resolve())
-  if key not in _MODULES:
-    if str(REPO) not in sys.path:
-      sys.path.insert(0, str(REPO))       # config files import `configs.common`
+  if key not in _MODULES:         # config files import `configs.common` (pip install -e .)
     spec = importlib.util.spec_from_file_location(f"_sweep_{full.stem}", full)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -251,7 +249,7 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m luna_jax.sweep", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m luna_jax.experiments.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="cmd", required=True)
   run = sub.add_parser("run", help="run (or --dry-run print) the points of a sweep")

@@ -1,4 +1,4 @@
-"""luna_jax.results on fake workdirs: aggregation, statuses, averages, published rows, plots."""
+"""luna_jax.experiments.results on fake workdirs: aggregation, statuses, averages, published rows, plots."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from luna_jax import results
+from luna_jax.experiments import results
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
 
