@@ -4,10 +4,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run (and the subprocesses tests start): many
-# tests compile the same tiny train step, and XLA compiles dominate the suite's time.
+# tests compile the same tiny train step, and XLA compiles dominate the suite's time. One cache
+# per checkout (keyed by its path), so two clones on a machine never share compiled programs.
+import hashlib  # noqa: E402
 import tempfile  # noqa: E402
 
-_CACHE = os.path.join(tempfile.gettempdir(), f"luna_jax_test_xla_cache_{os.getuid()}")
+_CHECKOUT = hashlib.sha1(os.path.dirname(os.path.dirname(os.path.abspath(__file__))).encode())
+_CACHE = os.path.join(tempfile.gettempdir(),
+                      f"luna_jax_test_xla_cache_{os.getuid()}_{_CHECKOUT.hexdigest()[:12]}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
