@@ -19,7 +19,6 @@ import argparse
 import collections
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -37,15 +36,13 @@ import numpy as np  # noqa: E402
 
 import lra_tasks  # noqa: E402
 from luna_jax import input_pipeline, trainer  # noqa: E402
+from luna_jax.experiments import sweep  # noqa: E402
 
 
 def load_config(spec: str) -> Any:
-  """`configs/x.py:arg` -> config (the file's get_config(arg))."""
+  """`configs/x.py:arg` -> that file's get_config(arg)."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return sweep.resolve_config(path, arg, [])
 
 
 def time_steps(step_fn, state, batches: list[dict[str, np.ndarray]], key: jax.Array,

@@ -41,8 +41,9 @@ class TaskData:
   seq_len: int
   pad_id: int | None = 0
   num_docs: int = 1            # 2 for Retrieval (dual encoder)
-  # Where the data came from, for results.json: {"source": "official", "files": {name:
-  # sha256}} or {"source": "generated", "generator": module, "settings": {...}}.
+  # Where the data came from, for results.json (`data_provenance`): {"source": "official",
+  # "files": {name: sha256}} or {"source": "generated", "generator": module, "settings": {...},
+  # "files": {name: sha256}}.
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # Where each split comes from (a file, a folder, the config fields of generated data), for
   # messages such as an empty split's.
@@ -102,10 +103,74 @@ def file_digest(path: str) -> str:
   return cache[key]
 
 
-def official_provenance(paths: Sequence[Any], **extra: Any) -> dict[str, Any]:
-  """Provenance of data read from release files: each file's name and sha256 (remote files,
-  such as gs:// paths, are named without a hash)."""
+def _file_hashes(paths: Sequence[Any]) -> dict[str, str]:
+  """Each file's name and sha256 (remote files, such as gs:// paths, are named without one)."""
   files = {}
   for p in map(str, paths):
     files[os.path.basename(p)] = file_digest(p) if os.path.isfile(p) else f"not hashed: {p}"
-  return {"source": "official", "files": files, **extra}
+  return files
+
+
+def official_provenance(paths: Sequence[Any], **extra: Any) -> dict[str, Any]:
+  """Provenance of data read from release files: each file's name and sha256 (remote files,
+  such as gs:// paths, are named without a hash)."""
+  return {"source": "official", "files": _file_hashes(paths), **extra}
+
+
+# A built-in generator writes this file into the folder that holds its data files; its content
+# is the provenance of that data without the file hashes: {"source": "generated", "generator":
+# module, "settings": {...}, ...}.
+GENERATED_MARKER = "GENERATED.json"
+
+
+def write_generated_marker(folder: str, provenance: Mapping[str, Any]) -> None:
+  """Writes `provenance` (`"source": "generated"`) as the marker of `folder`, atomically."""
+  if provenance.get("source") != "generated" or not provenance.get("generator"):
+    raise ValueError(f"a generated-data marker needs source 'generated' and a generator, got "
+                     f"{dict(provenance)}")
+  path = os.path.join(folder, GENERATED_MARKER)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(dict(provenance), f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_generated_marker(folder: str) -> dict[str, Any] | None:
+  """The marker of `folder` (see GENERATED_MARKER), or None if it has none; DataError naming
+  the file if it is not a JSON object with "source": "generated" and a "generator"."""
+  path = os.path.join(folder, GENERATED_MARKER)
+  if not os.path.lexists(path):
+    return None
+  hint = (f"{GENERATED_MARKER} marks a folder of generated data (written by the built-in "
+          "generators); generate the folder again, or delete the file if the folder holds "
+          "the official release")
+  try:
+    with open(path, encoding="utf-8") as f:
+      marker = json.load(f)
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: cannot read the generated-data marker ({e}). {hint}") from None
+  except ValueError as e:
+    raise DataError(f"{path}: the generated-data marker is not valid JSON ({e}). "
+                    f"{hint}") from None
+  if (not isinstance(marker, dict) or marker.get("source") != "generated"
+      or not isinstance(marker.get("generator"), str)):
+    raise DataError(f"{path}: expected a JSON object with \"source\": \"generated\" and a "
+                    f"\"generator\", got {json.dumps(marker)[:200]}. {hint}")
+  return marker
+
+
+def data_provenance(folder: str, files: Sequence[Any],
+                    generated: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Provenance of the data `files` read from `folder`, each file with its sha256.
+
+  Generated data: the marker in `folder` (GENERATED_MARKER) if there is one, else `generated`,
+  what a loader that generated `folder` itself passes (folders it generated before markers
+  existed have none). Anything else is official release data.
+  """
+  marker = read_generated_marker(folder)
+  if marker is None and generated is not None:
+    marker = dict(generated)
+  if marker is None:
+    return official_provenance(files)
+  return {**marker, "files": _file_hashes(files)}

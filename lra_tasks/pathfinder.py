@@ -25,6 +25,9 @@ time (an image rewritten in place is decoded again), and memory-mapped.
 With `config.data_dir` empty, `config.pathfinder.num_images` images are made once by
 `lra_tasks.pathfinder_generator` under
 `default_cache_dir()/pathfinder/<res>_<difficulty>_<num>_<seed>/pathfinder<res>/`.
+Provenance (results.json): a difficulty folder holding the generator's marker
+`common.GENERATED_MARKER` (and the cache this loader generates itself) is recorded as
+generated, any other as official; both with the sha256 of each metadata file.
 
 Config fields: `data_dir`, `seq_len`, `model.readout`, and `pathfinder.{resolution,
 difficulty, split_seed, num_images, gen_seed}`.
@@ -46,8 +49,7 @@ import numpy as np
 from PIL import Image
 
 from lra_tasks import pathfinder_generator
-from lra_tasks.common import (DataError, TaskData, default_cache_dir, official_provenance,
-                              uses_cls)
+from lra_tasks.common import DataError, TaskData, data_provenance, default_cache_dir, uses_cls
 
 log = logging.getLogger(__name__)
 
@@ -373,12 +375,12 @@ def load(config: Any) -> TaskData:
     data_dir = generated_data_dir(resolution, pf.difficulty, int(pf.num_images),
                                   int(pf.gen_seed))
   folder = find_folder(data_dir, resolution, pf.difficulty)
-  if config.data_dir:     # the metadata files list every image with its label
-    provenance = official_provenance(_metadata_files(folder))
-  else:
-    provenance = {"source": "generated", "generator": "lra_tasks.pathfinder_generator",
-                  "settings": {"resolution": resolution, "difficulty": pf.difficulty,
-                               "num_images": int(pf.num_images), "seed": int(pf.gen_seed)}}
+  # Generated (the marker, or the cache this loader generated) or official; the metadata
+  # files, which list every image with its label, are hashed.
+  provenance = data_provenance(
+      folder, _metadata_files(folder),
+      generated=None if config.data_dir else pathfinder_generator.generated_provenance(
+          resolution, pf.difficulty, int(pf.num_images), int(pf.gen_seed)))
   images = read_images(folder, resolution)
   kept = images.labels >= 0
   splits = {}

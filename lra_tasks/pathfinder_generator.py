@@ -13,6 +13,11 @@ Output is the LRA release layout, readable by `lra_tasks.pathfinder`:
   <out>/pathfinder<res>/<difficulty>/metadata/<batch>.npy            plain text, one line each:
     imgs/<batch> sample_<n>.png <index> <label> <continuity> <contour_length>
     <distractor_length> <paddle_length> <paddle_thickness> <paddle_margin> <num_paddle_contrasts>
+  <out>/pathfinder<res>/<difficulty>/GENERATED.json                   `generated_provenance`
+
+The marker `common.GENERATED_MARKER` sits in the difficulty folder, the folder the reader's
+`find_folder` returns, so the loader records the set as generated however `config.data_dir`
+names it.
 
 `n` counts within the batch and `index` over the whole set. Labels alternate (index % 2), so
 any even count is exactly balanced. Image `index` is drawn from its own random stream seeded by
@@ -60,12 +65,17 @@ import math
 import multiprocessing
 import os
 import time
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
 
+from lra_tasks.common import write_generated_marker
+
 log = logging.getLogger(__name__)
+
+# This module's import name, recorded in provenance (`__name__` is "__main__" under -m).
+GENERATOR = "lra_tasks.pathfinder_generator"
 
 DIFFICULTIES: dict[str, int] = {
     "curv_baseline": 6,
@@ -552,14 +562,25 @@ def _write_batch(args: tuple[str, PathfinderParams, int, int, int, int]) -> int:
   return stop - start
 
 
+def generated_provenance(resolution: int, difficulty: str, num_images: int,
+                         seed: int) -> dict[str, Any]:
+  """What results.json records about a generated set (without file hashes), and what
+  `generate` writes into the marker `common.GENERATED_MARKER`. The images do not depend on
+  batch size or worker count, so these are not part of it."""
+  return {"source": "generated", "generator": GENERATOR,
+          "settings": {"resolution": resolution, "difficulty": difficulty,
+                       "num_images": num_images, "seed": seed}}
+
+
 def generate(out_dir: str, resolution: int = 32, difficulty: str = "curv_contour_length_14",
              num_images: int = 1000, seed: int = 0, workers: int = 1,
              batch_size: int = DEFAULT_BATCH_SIZE) -> str:
   """Writes `num_images` images in the release layout under `out_dir`; returns the folder.
 
-  The returned folder is `<out_dir>/pathfinder<resolution>/<difficulty>`. Batches whose
-  metadata file already exists are kept, so an interrupted run can be resumed with the same
-  arguments (other arguments for the same folder raise ValueError).
+  The returned folder is `<out_dir>/pathfinder<resolution>/<difficulty>`; it also gets the
+  marker `common.GENERATED_MARKER` (`generated_provenance`). Batches whose metadata file
+  already exists are kept, so an interrupted run can be resumed with the same arguments (other
+  arguments for the same folder raise ValueError).
   """
   params = params_for(resolution, difficulty)
   if num_images <= 0 or batch_size <= 0:
@@ -580,6 +601,8 @@ def generate(out_dir: str, resolution: int = 32, difficulty: str = "curv_contour
   else:
     with open(settings_path, "w") as f:
       json.dump(settings, f)
+  # Before any image, so even a partial set is never taken for the official release.
+  write_generated_marker(root, generated_provenance(resolution, difficulty, num_images, seed))
   jobs = [(root, params, seed, b, start, min(start + batch_size, num_images))
           for b, start in enumerate(range(0, num_images, batch_size))]
   t0 = time.time()

@@ -111,12 +111,17 @@ class Row:
 
 # ----------------------------------------------------------------------------- reading
 
+# Generators that older runs recorded under another module name (the same data): one label.
+_GENERATOR_RENAMES = {"lra_tasks.listops": "lra_tasks.listops_generator"}
+
+
 def data_label(data: dict[str, Any]) -> str:
   """"official", "generated: <generator> <settings>" or "unknown" (older runs)."""
   source = data.get("source")
   if source == "generated":
     settings = ", ".join(f"{k}={v}" for k, v in sorted(data.get("settings", {}).items()))
-    return f"generated: {data.get('generator', '?')} ({settings})"
+    generator = data.get("generator", "?")
+    return f"generated: {_GENERATOR_RENAMES.get(generator, generator)} ({settings})"
   return source or "unknown"
 
 

@@ -1,22 +1,24 @@
-"""Tests of the ListOps task: vocabulary, evaluator, serialization, generator, reader, load()."""
+"""Tests of the ListOps task: vocabulary, evaluator, reader, load() (generator tests:
+test_listops_generator.py)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
-from lra_tasks import listops
+from lra_tasks import common, listops, listops_generator
 from lra_tasks.common import DataError
 
-SMALL = listops.GeneratorSettings(num_train=150, num_val=25, num_test=25, min_length=20,
-                                  max_length=100, max_depth=10, max_args=10, seed=3)
+SMALL = listops_generator.GeneratorSettings(num_train=150, num_val=25, num_test=25,
+                                            min_length=20, max_length=100, max_depth=10,
+                                            max_args=10, seed=3)
 
 
 def make_config(data_dir: str = "", seq_len: int = 64,
-                settings: listops.GeneratorSettings = SMALL) -> ml_collections.ConfigDict:
+                settings: listops_generator.GeneratorSettings = SMALL
+                ) -> ml_collections.ConfigDict:
   """A config with the fields listops.load reads."""
   config = ml_collections.ConfigDict()
   config.data_dir = data_dir
@@ -25,23 +27,6 @@ def make_config(data_dir: str = "", seq_len: int = 64,
       {f: getattr(settings, f) for f in ("num_train", "num_val", "num_test", "min_length",
                                          "max_length", "max_depth", "max_args", "seed")})
   return config
-
-
-def shape_of(source: str) -> tuple[int, int, int]:
-  """(length without parentheses, deepest operator nesting, most arguments of an operator)."""
-  stack, depth, args = [], 0, 0
-  tokens = source.replace("(", " ").replace(")", " ").split()
-  for tok in tokens:
-    if tok in listops.OPERATORS:
-      if stack:
-        stack[-1] += 1
-      stack.append(0)
-      depth = max(depth, len(stack))
-    elif tok == "]":
-      args = max(args, stack.pop())
-    elif stack:
-      stack[-1] += 1
-  return len(tokens), depth, args
 
 
 def write(path, text: str) -> str:
@@ -108,79 +93,14 @@ def test_evaluate_rejects_malformed(source):
     listops.evaluate(source)
 
 
-# ------------------------------------------------------------------------------ serialization
-
-
-def test_serialize_matches_the_official_example():
-  assert listops.serialize(("[MAX", [2, 9])) == "( ( ( [MAX 2 ) 9 ) ] )"
-  assert listops.serialize(4) == "4"
-
-
-def test_serialize_nested_operators():
-  tree = ("[MIN", [("[MAX", [2, 9]), 3, ("[SM", [1, 2, ("[MED", [4, 5])])])
-  source = listops.serialize(tree)
-  assert source == ("( ( ( ( [MIN ( ( ( [MAX 2 ) 9 ) ] ) ) 3 ) ( ( ( ( [SM 1 ) 2 ) "
-                    "( ( ( [MED 4 ) 5 ) ] ) ) ] ) ) ] )")
-  assert listops.evaluate(source) == 3
-  assert shape_of(source)[0] == 7 + 2 * 4  # Leaves + 2 per operator.
-
-
-# ------------------------------------------------------------------------------ generator
+# ------------------------------------------------------------------------------ reader
 
 
 @pytest.fixture(scope="module")
 def small_set() -> list[tuple[str, int]]:
-  return list(listops.generate(SMALL))
+  """Generated examples: realistic input for the reader."""
+  return list(listops_generator.generate(SMALL))
 
-
-def test_generated_labels_agree_with_evaluate(small_set):
-  assert len(small_set) == 200
-  assert [listops.evaluate(s) for s, _ in small_set] == [t for _, t in small_set]
-  assert len({t for _, t in small_set}) > 5
-
-
-def test_generator_respects_bounds_and_dedupes(small_set):
-  assert len({s for s, _ in small_set}) == len(small_set)
-  lengths = [shape_of(s)[0] for s, _ in small_set]
-  assert min(lengths) > SMALL.min_length and max(lengths) < SMALL.max_length
-  shallow = listops.GeneratorSettings(num_train=40, num_val=0, num_test=0, min_length=5,
-                                      max_length=60, max_depth=4, max_args=3, seed=1)
-  shapes = [shape_of(s) for s, _ in listops.generate(shallow)]
-  assert max(d for _, d, _ in shapes) <= shallow.max_depth - 1  # Leaves only at max_depth.
-  assert max(a for _, _, a in shapes) == shallow.max_args
-
-
-def test_generator_is_deterministic(small_set):
-  assert list(listops.generate(SMALL)) == small_set
-  other = dataclasses.replace(SMALL, seed=4)
-  assert list(listops.generate(other))[:10] != small_set[:10]
-
-
-def test_generate_files_cli_and_read_back(tmp_path, small_set):
-  out = tmp_path / "gen"
-  args = [f"--{k}={v}" for k, v in dataclasses.asdict(SMALL).items()]
-  listops.main(["generate", "--out", str(out)] + args)
-  with open(out / "basic_val.tsv", encoding="utf-8") as f:
-    assert f.readline() == "Source\tTarget\n"
-  inputs, targets = listops.read_tsv(str(out / "basic_train.tsv"), 64)
-  assert inputs.shape == (150, 64) and inputs.dtype == np.int32 and targets.dtype == np.int32
-  np.testing.assert_array_equal(targets, [t for _, t in small_set[:150]])
-  np.testing.assert_array_equal(inputs[7], listops.tokenize(small_set[7][0], 64))
-  _, test_targets = listops.read_tsv(str(out / "basic_test.tsv"), 64)
-  np.testing.assert_array_equal(test_targets, [t for _, t in small_set[175:]])
-
-
-def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
-  def broken(s):
-    yield "[MAX 1 2 ]", 2
-    raise RuntimeError("killed")
-  monkeypatch.setattr(listops, "generate", broken)
-  with pytest.raises(RuntimeError):
-    listops.generate_files(str(tmp_path / "out"), SMALL)
-  assert os.listdir(tmp_path) == []
-
-
-# ------------------------------------------------------------------------------ reader
 
 
 OFFICIAL = ("Source\tTarget\n"
@@ -272,7 +192,8 @@ def test_load_generates_once_into_the_cache(tmp_path, monkeypatch, small_set):
   monkeypatch.setenv("LUNA_JAX_CACHE", str(tmp_path))
   data = listops.load(make_config())
   folder = tmp_path / "listops" / SMALL.short_hash()
-  assert sorted(os.listdir(folder)) == ["basic_test.tsv", "basic_train.tsv", "basic_val.tsv"]
+  assert sorted(os.listdir(folder)) == sorted([*listops.SPLIT_FILES.values(),
+                                               common.GENERATED_MARKER])
   assert os.listdir(tmp_path / "listops") == [SMALL.short_hash()]  # No temporary folders left.
   assert (data.name, data.vocab_size, data.num_classes, data.seq_len, data.pad_id) == (
       "listops", 17, 10, 64, 0)
@@ -286,7 +207,7 @@ def test_load_generates_once_into_the_cache(tmp_path, monkeypatch, small_set):
 
   def no_generation(*args):
     raise AssertionError("regenerated")
-  monkeypatch.setattr(listops, "generate_files", no_generation)
+  monkeypatch.setattr(listops_generator, "generate_files", no_generation)
   again = listops.load(make_config())
   np.testing.assert_array_equal(again.splits["train"][0]["inputs"],
                                 data.splits["train"][0]["inputs"])

@@ -155,6 +155,15 @@ def test_published_rows_are_labelled_and_beside_their_protocol_only(tmp_path):
   assert "Published tables not shown" in md and "LRA Table 1" in md.split("not shown")[1]
 
 
+def test_data_label_of_generated_listops_is_the_same_under_the_old_module_name():
+  settings = {"num_train": 96000, "seed": 0}
+  old = {"source": "generated", "generator": "lra_tasks.listops", "settings": settings}
+  new = {"source": "generated", "generator": "lra_tasks.listops_generator",
+         "generator_version": 1, "settings": settings, "files": {"basic_val.tsv": "0" * 64}}
+  assert results.data_label(old) == results.data_label(new) == (
+      "generated: lra_tasks.listops_generator (num_train=96000, seed=0)")
+
+
 def test_protocols_and_data_sources_never_share_a_table(tmp_path):
   generated = {"source": "generated", "generator": "lra_tasks.listops",
                "settings": {"num_train": 96000, "seed": 0}}
