@@ -33,6 +33,8 @@ VARIANTS = (
     ("fast math", "--xla_cpu_enable_fast_math=true"),
     ("no eigen threads", "--xla_cpu_multi_thread_eigen=false"),
     ("2 host devices (batch split)", "--xla_force_host_platform_device_count=2"),
+    ("2 host devices + xnnpack off",
+     "--xla_force_host_platform_device_count=2 --xla_cpu_use_xnnpack=false"),
 )
 
 
