@@ -49,21 +49,24 @@ def target_config(source: ml_collections.ConfigDict, target: str, steps: int,
 
 
 def run_point(source_dir: str, source: ml_collections.ConfigDict, target: str, steps: int,
-              kind: str, root: str) -> dict[str, Any]:
+              kind: str, root: str, train: bool = True) -> dict[str, Any] | None:
   """One converted or scratch run; returns its results.json (rerun-safe: a finished workdir is
-  read, not retrained)."""
+  read, not retrained). With train=False, None for a run that has not finished."""
   workdir = os.path.join(root, target, f"{kind}_n{steps}")
   done = wd.read_json(wd.path(workdir, wd.RESULTS_FILE))
   if done is not None and done.get("finished"):
     return done
+  if not train:
+    return None
   config = target_config(source, target, steps,
                          os.path.abspath(source_dir) if kind == "converted" else None)
   return trainer.train_and_evaluate(config, workdir)
 
 
-def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], root: str
-              ) -> list[dict[str, Any]]:
-  """Every (target, N, converted|scratch) run; returns the table rows."""
+def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], root: str,
+              train: bool = True) -> list[dict[str, Any]]:
+  """Every (target, N, converted|scratch) run; returns the table rows. train=False only reads
+  the runs that finished (the others are left out of the averages and shown as not run)."""
   source = wd.load_config(source_dir)
   source_results = wd.read_json(wd.path(source_dir, wd.RESULTS_FILE))
   if source_results is None or "test_accuracy" not in source_results:
@@ -78,14 +81,18 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
           row.update(scratch_test_accuracy=float("nan"), scratch_recovered=float("nan"),
                      scratch_majority=float("nan"))
           continue
-        res = run_point(source_dir, source, target, n, kind, root)
+        res = run_point(source_dir, source, target, n, kind, root, train)
+        if res is None:
+          row.update({f"{kind}_test_accuracy": float("nan"), f"{kind}_recovered": float("nan"),
+                      f"{kind}_majority": float("nan")})
+          continue
         acc = float(res["test_accuracy"])
         row[f"{kind}_test_accuracy"] = acc
         row[f"{kind}_recovered"] = acc / base if base > 0 else float("nan")
         row[f"{kind}_majority"] = float(res.get("test_majority_accuracy", float("nan")))
       rows.append(row)
-      print(f"{target} N={n}: converted {row['converted_test_accuracy']:.4f} "
-            f"({100 * row['converted_recovered']:.1f}% of source {base:.4f}), scratch "
+      print(f"{target} N={n}: converted {_acc(row['converted_test_accuracy'])} "
+            f"({_pct(row['converted_recovered'])} of source {base:.4f}), scratch "
             f"{_acc(row['scratch_test_accuracy'])}", flush=True)
   return rows
 
@@ -111,7 +118,8 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
   majority = rows[0].get("converted_majority", float("nan")) if rows else float("nan")
   lines = [f"# Conversion study: {source_dir}", "",
            f"Source (softmax) test accuracy {base:.4f}; test majority class {majority:.4f}. "
-           "`recovered` = test accuracy / source test accuracy.", "",
+           "`recovered` = test accuracy / source test accuracy; — = not run (no scratch run "
+           "at N = 0).", "",
            "| target | fine-tune steps N | converted test acc. | converted recovered | "
            "scratch test acc. | scratch recovered |", "|---|---|---|---|---|---|"]
   for r in rows:
@@ -153,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--targets", default=",".join(TARGETS))
   parser.add_argument("--steps", default="0,100,400", help="fine-tuning steps, comma-separated")
   parser.add_argument("--root", required=True, help="folder for the runs and the table")
+  parser.add_argument("--table_only", action="store_true",
+                      help="write the table from the runs that finished; train nothing")
   args = parser.parse_args(argv)
   targets = [t for t in args.targets.split(",") if t]
   steps = [int(s) for s in args.steps.split(",") if s]
-  rows = run_study(args.source, targets, steps, args.root)
+  rows = run_study(args.source, targets, steps, args.root, train=not args.table_only)
   files = write_outputs(rows, args.root, args.source)
   print(open(files["md"]).read())
   print(json.dumps(files), file=sys.stderr)

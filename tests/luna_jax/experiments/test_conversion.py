@@ -88,6 +88,12 @@ def test_study_writes_table_and_plot(source, tmp_path):
   files = conversion.write_outputs(rows, str(tmp_path), source)
   md = open(files["md"]).read()
   assert "| linear_elu | 2 |" in md and os.path.getsize(files["png"]) > 1000
+  # Table only: finished runs are read back as they were, unfinished ones are not trained.
+  again = conversion.run_study(source, ["linear_elu", "cosformer"], [0, 2], str(tmp_path),
+                               train=False)
+  assert again[1]["converted_test_accuracy"] == rows[1]["converted_test_accuracy"]
+  assert all(r["converted_test_accuracy"] != r["converted_test_accuracy"] for r in again[2:])
+  assert not os.path.exists(tmp_path / "cosformer")
 
 
 def test_length_buckets_evaluate_exactly_and_train(source, tmp_path):
