@@ -3,6 +3,8 @@ r"""Pathfinder (LRA, 32x32 hard: curv_contour_length_14), mean readout, no paddi
 Built-in data: with an empty data_dir, `pathfinder.num_images` images are generated once into
 the cache ($LUNA_JAX_CACHE or ~/.cache/luna_jax) and reused.
   python train.py --config=configs/pathfinder.py:quick --workdir=runs/pathfinder_quick
+  (a pipeline check only: 400 steps on 4,000 hard-difficulty images do not learn the task; expect
+  test accuracy at the majority rate, about 0.52)
 Official data (lra_release/pathfinder32):
   python train.py --config=configs/pathfinder.py:luna,l=256 --workdir=runs/pathfinder_luna256 \
       --config.data_dir=/data/lra_release/pathfinder32
