@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.log_every = 50
     m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 64, 128, 4, 128
+    m.qkv_dim = 0                      # attention at the model width (not the LRA 512)
     m.num_layers, m.tie_layer_weights = 2, False
     m.proj_len = 16
     m.init = "default"

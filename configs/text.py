@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
     c.eval_max_examples = 1000
     m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 64, 128, 4, 128
+    m.qkv_dim = 0                      # attention at the model width (not the LRA 512)
     m.proj_len, m.init = 16, "default"
     m.dropout = m.attention_dropout = 0.1
     c.learning_rate = 1e-3 if attention == "luna" else 0.05

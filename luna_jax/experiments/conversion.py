@@ -73,9 +73,19 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
     raise ValueError(f"--source {source_dir}: no finished run (results.json with test_accuracy)")
   base = float(source_results["test_accuracy"])
   rows = []
+  nan = float("nan")
   for target in targets:
+    try:            # a target this source cannot become is a table row, not a crash
+      trainer.validate_config(target_config(source, target, max(steps, default=1), source_dir))
+    except wd.ConfigError as e:
+      print(f"{target}: not convertible from this source: {e}", flush=True)
+      rows += [{"target": target, "steps": n, "source_test_accuracy": base,
+                **{f"{k}_{f}": nan for k in ("converted", "scratch")
+                   for f in ("test_accuracy", "recovered", "majority")},
+                "note": f"not convertible: {e}"} for n in steps]
+      continue
     for n in steps:
-      row = {"target": target, "steps": n, "source_test_accuracy": base}
+      row = {"target": target, "steps": n, "source_test_accuracy": base, "note": ""}
       for kind in ("converted", "scratch"):
         if kind == "scratch" and n == 0:    # an untrained model: nothing to compare
           row.update(scratch_test_accuracy=float("nan"), scratch_recovered=float("nan"),
@@ -126,6 +136,9 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
     lines.append(f"| {r['target']} | {r['steps']} | {_acc(r['converted_test_accuracy'])} | "
                  f"{_pct(r['converted_recovered'])} | {_acc(r['scratch_test_accuracy'])} | "
                  f"{_pct(r['scratch_recovered'])} |")
+  notes = dict.fromkeys(f"- {r['target']}: {r['note']}" for r in rows if r.get("note"))
+  if notes:
+    lines += [""] + list(notes)
   with open(files["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top

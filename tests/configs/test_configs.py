@@ -20,6 +20,8 @@ def test_every_task_and_attention_builds(task, attention):
     assert c.task == task and c.model.attention == attention
     assert c.seq_len > 0 and c.batch_size > 0
     assert c.model.emb_dim % c.model.num_heads == 0
+    if arg.endswith("quick"):     # quick models attend at their own width: every mechanism
+      assert c.model.qkv_dim in (0, c.model.emb_dim), (task, arg)   # (Luna too) fits them
 
 
 def test_luna_recipe_matches_the_paper():

@@ -109,3 +109,14 @@ def test_length_buckets_evaluate_exactly_and_train(source, tmp_path):
   t.length_buckets = 3
   res = trainer.train_and_evaluate(t, str(tmp_path / "train"))
   assert res["finished"] and res["step"] == 4
+
+
+def test_study_reports_a_target_it_cannot_build_as_a_row(source, tmp_path):
+  rows = conversion.run_study(source, ["no_such_mechanism"], [0, 2], str(tmp_path))
+  assert [r["steps"] for r in rows] == [0, 2]
+  assert all(r["note"].startswith("not convertible") and "no_such_mechanism" in r["note"]
+             for r in rows)
+  assert all(r["converted_test_accuracy"] != r["converted_test_accuracy"] for r in rows)
+  md = open(conversion.write_outputs(rows, str(tmp_path), source)["md"]).read()
+  assert "- no_such_mechanism: not convertible" in md
+  assert not os.path.exists(tmp_path / "no_such_mechanism")
