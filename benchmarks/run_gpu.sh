@@ -49,7 +49,7 @@ bench() {  # bench NAME ARGS...: one benchmark run, outputs $OUT/NAME.{json,md,p
   local iso=()
   if [[ "${ISOLATE:-0}" == "1" ]]; then iso=(--isolate); fi
   echo "=== $name: $*" | tee "$OUT/$name.log"
-  "$PYTHON" benchmarks/attention_scaling.py --dtype "$DTYPE" --repeats "$REPEATS" --warmup 2 \
+  "$PYTHON" -m benchmarks.attention_scaling --dtype "$DTYPE" --repeats "$REPEATS" --warmup 2 \
       --max-seconds-per-point "$MAX_SECONDS" "${iso[@]}" "$@" ${EXTRA:-} \
       --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" \
       2>&1 | tee -a "$OUT/$name.log" || echo "=== $name exited with an error" | tee -a "$OUT/$name.log"
@@ -66,7 +66,7 @@ merge() {  # merge NAME INPUT_NAMES...: combined table and plot of earlier runs 
     echo "merge $name: no inputs yet"
     return 0
   fi
-  "$PYTHON" benchmarks/attention_scaling.py --merge "${inputs[@]}" --compare-speedup softmax \
+  "$PYTHON" -m benchmarks.attention_scaling --merge "${inputs[@]}" --compare-speedup softmax \
       --json "$OUT/$name.json" --markdown "$OUT/$name.md" --plot "$OUT/$name.png" \
       > "$OUT/$name.log" 2>&1
   echo "merged ${inputs[*]} -> $OUT/$name.{json,md,png}"

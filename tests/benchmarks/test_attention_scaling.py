@@ -1,19 +1,32 @@
 """Tests of the attention scaling benchmark on tiny sizes (no timing assertions)."""
+import argparse
 import json
 import math
 import pathlib
+import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
 from benchmarks import attention_scaling as bench
+from luna_jax import trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--lengths", "64,128", "--dim", "16", "--heads", "2", "--batch", "1", "--layers", "1",
         "--repeats", "1", "--warmup", "1", "--matmul-size", "128", "--xla-fast-compile"]
 OK_FLOAT_FIELDS = ("compile_time_s", "step_time_s", "examples_per_s", "tokens_per_s",
                    "achieved_flops_per_s", "fraction_of_peak", "flops")
+
+
+# One model-mode point at length 16, no matmul probe.
+POINT = ["--lengths", "16", "--dim", "16", "--heads", "2", "--batch", "2", "--layers", "1",
+         "--repeats", "1", "--warmup", "0", "--matmul-size", "0", "--xla-fast-compile"]
+
+
+def _point_args(*extra: str) -> argparse.Namespace:
+  return bench.resolve_defaults(bench.build_parser().parse_args(POINT + list(extra)))
 
 
 def _run(tmp_path: pathlib.Path, name: str, extra: list[str]) -> tuple[dict, pathlib.Path]:
@@ -164,3 +177,41 @@ def test_merge_reports(layer_run, tmp_path):
   assert len(merged["merged_from"]) == 2
   assert (tmp_path / "m.png").read_bytes()[:8] == PNG_SIGNATURE
   assert json.loads((tmp_path / "m.json").read_text())["results"] == merged["results"]
+
+
+def test_model_mode_runs_the_trainers_step(monkeypatch):
+  args = _point_args("--mode", "model", "--mechanisms", "softmax")
+  spec = bench.parse_mechanisms("softmax")[0]
+  traced = []
+  train_step = trainer.train_step
+
+  def spy(*a, **kw):
+    traced.append(True)
+    return train_step(*a, **kw)
+
+  with monkeypatch.context() as m:
+    m.setattr(trainer, "train_step", spy)
+    row = bench.run_point(spec, 16, args, None)
+  assert row["status"] == "ok", row["message"]
+  assert traced, "model mode did not call trainer.train_step"
+
+  step = bench.build_model_step(spec, 16, args, {})
+  state, batch, key = step.args
+  assert isinstance(state, trainer.TrainState)
+  want, _ = jax.jit(train_step, static_argnums=3)(state, batch, key, bench.steps.REDRAW_EVERY)
+  out = step.fn(*step.args)          # donates `state`
+  got, metrics = out
+  assert set(metrics) == {"loss", "accuracy", "grad_norm"} and int(got.step) == 1
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7),
+               got.params, want.params)
+  assert step.next_args(step.args, out)[0] is got
+
+
+def test_isolated_point_runs_from_another_directory(tmp_path, monkeypatch):
+  args = _point_args("--mode", "layer", "--mechanisms", "softmax", "--isolate")
+  argv = bench.child_argv(bench.parse_mechanisms("softmax")[0], 16, args, "row.json")
+  assert argv[:3] == [sys.executable, "-m", "benchmarks.attention_scaling"]
+  monkeypatch.chdir(tmp_path)
+  report = bench.main(POINT + ["--mode", "layer", "--mechanisms", "softmax", "--isolate"])
+  (row,) = report["results"]
+  assert row["status"] == "ok", row["message"]
