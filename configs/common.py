@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.activation_dropout = 0.0
   m.block = "post_ln"          # post_ln (Luna: always) | pre_ln (LRA reference, small protocol)
   m.positions = "learned"      # learned | sinusoidal
-  m.embedding = "tokens"       # tokens | linear (pixel values through a Dense)
+  m.embedding = "tokens"       # tokens | linear (pixel values through a Dense) | patches
+  m.patch_size = 0             # embedding="patches": side of the square patches
   m.readout = "cls"            # cls | first | mean | mean_padded (luna_jax/models.py)
   m.classifier_dim = 256
   m.classifier_layers = 1      # hidden layers of the head (widths C, C/2, ...)

@@ -3,8 +3,9 @@ r"""Pathfinder (LRA, 32x32 hard: curv_contour_length_14), mean readout, no paddi
 Built-in data: with an empty data_dir, `pathfinder.num_images` images are generated once into
 the cache ($LUNA_JAX_CACHE or ~/.cache/luna_jax) and reused.
   python train.py --config=configs/pathfinder.py:quick --workdir=runs/pathfinder_quick
-  (a pipeline check only: 400 steps on 4,000 hard-difficulty images do not learn the task; expect
-  test accuracy at the majority rate, about 0.52)
+  (a CPU-minutes check that the pipeline learns, NOT the LRA protocol: 20,000 generated 16x16
+  images of our easy setting, 3-paddle contours and no distractors, seen as 16 patches of 4x4
+  pixels by a 2-layer Luna; results/README.md has the measured run)
 Official data (lra_release/pathfinder32):
   python train.py --config=configs/pathfinder.py:luna,l=256 --workdir=runs/pathfinder_luna256 \
       --config.data_dir=/data/lra_release/pathfinder32
@@ -55,10 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           eval_batches=312, max_len=1024)
     m.proj_len = 16
   if "quick" in words:
-    c.pathfinder.num_images = 4000
+    # 16x16 images of the easy 3-paddle setting (lra_tasks/pathfinder_generator.py), 4x4 patches.
+    c.pathfinder.update(resolution=16, difficulty="curv_contour_length_3", num_images=20_000)
+    c.seq_len = 256
     c.batch_size = 32
-    c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 400, 50, 200, 200
-    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 1, 32, 64, 4, 64
+    c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 4000, 200, 1000, 1000
+    m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads, m.classifier_dim = 2, 64, 128, 4, 64
+    m.embedding, m.patch_size, m.positions = "patches", 4, "learned"
+    m.dropout = m.attention_dropout = 0.0
     m.qkv_dim = 0
     m.proj_len = 16
     c.learning_rate = 1e-3

@@ -29,11 +29,15 @@ continuity 1.0, 20 // distractor_length distractors, snake contrast 2, paddle co
 64x64 uses the published changes (marker radius 2.5, seed distance 12, thickness 1,
 continuity 1.8, 22 // distractor_length distractors, contrast 0.8) and, as our choice, paddle
 length 4, margin 2 and padding 2 (twice the 32x32 values, matching the doubled thickness).
+16x16 is ours, for a quick set a small model learns in minutes on a CPU (not an LRA setting):
+the 32x32 lengths with paddle thickness 1, seed distance 4 and no distractors; with
+`curv_contour_length_3` (3 paddles per contour, also ours) it is configs/pathfinder.py:quick.
 128x128 (Path-X) is our extrapolation: lengths four times the 32x32 values (paddle length 8,
 margin 4, thickness 2, padding 4), marker radius 5, seed distance 24, continuity 3.6,
 24 // distractor_length distractors, contrast 0.8.
 Contour length (paddles in each long contour) is 14 (`curv_contour_length_14`), 9
-(`curv_contour_length_9`) or 6 (`curv_baseline`); distractors have contour_length // 3 paddles.
+(`curv_contour_length_9`), 6 (`curv_baseline`) or 3 (`curv_contour_length_3`, ours);
+distractors have max(1, contour_length // 3) paddles.
 
 How we read the parameters (our interpretation, not the original code):
 - continuity c: each paddle turns from the previous one by an angle drawn uniformly from
@@ -78,11 +82,12 @@ log = logging.getLogger(__name__)
 GENERATOR = "lra_tasks.pathfinder_generator"
 
 DIFFICULTIES: dict[str, int] = {
+    "curv_contour_length_3": 3,          # ours, for the 16x16 quick set (not an LRA difficulty)
     "curv_baseline": 6,
     "curv_contour_length_9": 9,
     "curv_contour_length_14": 14,
 }
-RESOLUTIONS = (32, 64, 128)
+RESOLUTIONS = (16, 32, 64, 128)
 DEFAULT_BATCH_SIZE = 1000
 SETTINGS_FILE = ".generator.json"    # hidden, beside imgs/ and metadata/
 
@@ -127,13 +132,17 @@ class PathfinderParams:
 
 
 def params_for(resolution: int, difficulty: str) -> PathfinderParams:
-  """The parameters used for `resolution` (32, 64 or 128) and `difficulty`."""
+  """The parameters used for `resolution` (16, 32, 64 or 128) and `difficulty`."""
   if difficulty not in DIFFICULTIES:
     raise ValueError(f"unknown Pathfinder difficulty {difficulty!r}; expected one of "
                      f"{sorted(DIFFICULTIES)}")
   length = DIFFICULTIES[difficulty]
   common = dict(resolution=resolution, contour_length=length, antialias_scale=2,
                 snake_contrast=2)
+  if resolution == 16:      # ours: the quick set (configs/pathfinder.py:quick)
+    return PathfinderParams(padding=1, paddle_length=2, paddle_thickness=1, paddle_margin=1,
+                            marker_radius=1.5, seed_distance=4, continuity=1.0,
+                            distractor_budget=0, paddle_contrast=0.75, **common)
   if resolution == 32:
     return PathfinderParams(padding=1, paddle_length=2, paddle_thickness=0.5, paddle_margin=1,
                             marker_radius=1.5, seed_distance=7, continuity=1.0,

@@ -53,7 +53,10 @@ class ModelConfig:
   activation_dropout: float = 0.0
   block: str = "post_ln"               # "post_ln" (Luna: always) or "pre_ln" (LRA reference)
   positions: str = "learned"           # "learned" or "sinusoidal"
-  embedding: str = "tokens"            # "tokens" or "linear" (pixel value / 255 through a Dense)
+  embedding: str = "tokens"            # "tokens", "linear" (pixel value / 255 through a Dense)
+                                       # or "patches" (square image, patch_size^2 values / 255
+                                       # through a Dense: (S / patch_size)^2 tokens)
+  patch_size: int = 0                  # "patches" only
   readout: str = "cls"                 # cls | first | mean | mean_padded (module docstring)
   readout_length: int = 0              # mean_padded divides by this (0: the input's N); set to
                                        # config.seq_len so length-bucketed batches are exact
@@ -173,6 +176,25 @@ def sinusoidal_table(num: int, dim: int) -> np.ndarray:
   return table
 
 
+class PatchEmbed(nn.Module):
+  """Pixel values [B, S*S] (row-major square image, no padding) -> [B, (S/p)^2, D]: each p x p
+  patch's values / 255 through one Dense, patches in row-major order (ViT's patch embedding)."""
+  patch_size: int
+  features: int
+
+  @nn.compact
+  def __call__(self, pixels_BxN: Array) -> Array:
+    b, n = pixels_BxN.shape
+    side, p = math.isqrt(n), self.patch_size
+    if side * side != n or p < 1 or side % p:
+      raise ValueError(f"embedding='patches' needs a square image whose side is a multiple of "
+                       f"config.model.patch_size={p}; got a sequence of {n} values")
+    g = side // p
+    patches_BxTxPP = (pixels_BxN.reshape(b, g, p, g, p).transpose(0, 1, 3, 2, 4)
+                      .reshape(b, g * g, p * p).astype(jnp.float32) / 255.0)
+    return nn.Dense(self.features)(patches_BxTxPP)
+
+
 class Encoder(nn.Module):
   """Token ids [B, N] -> pooled features [B, D]."""
   cfg: ModelConfig
@@ -190,7 +212,14 @@ class Encoder(nn.Module):
     emb_std = d**-0.5 if is_luna else 1.0
 
     # Embeddings. Positions count real tokens from 1; pads get no position.
-    if cfg.embedding == "linear":
+    if cfg.embedding == "patches":
+      if cfg.pad_id is not None:
+        raise ValueError("embedding='patches' is for unpadded images (Pathfinder); this task "
+                         f"pads with token {cfg.pad_id}")
+      x_BxNxD = PatchEmbed(cfg.patch_size, d, name="embed_patches")(tokens_BxN)
+      b, n = x_BxNxD.shape[:2]
+      mask_BxN = jnp.ones((b, n), bool)
+    elif cfg.embedding == "linear":
       values = tokens_BxN.astype(jnp.float32)[..., None] / 255.0
       x_BxNxD = nn.Dense(d, name="embed_values")(values)
     else:

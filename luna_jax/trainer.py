@@ -96,12 +96,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.model.qkv_dim={qkv} is not divisible by "
                       f"config.model.num_heads={m.num_heads}")
   allowed_values = {"readout": models.READOUTS, "block": ("post_ln", "pre_ln"),
-                    "positions": ("learned", "sinusoidal"), "embedding": ("tokens", "linear"),
+                    "positions": ("learned", "sinusoidal"), "embedding": ("tokens", "linear", "patches"),
                     "init": tuple(models.INITS), "dtype": ("float32", "bfloat16"),
                     "retrieval_combine": ("luna", "concat", "interact")}
   for field, allowed in allowed_values.items():
     if m[field] not in allowed:
       raise ConfigError(f"config.model.{field}={m[field]!r}; expected one of {allowed}")
+  if m.embedding == "patches" and m.get("patch_size", 0) < 1:
+    raise ConfigError(f"config.model.embedding='patches' needs config.model.patch_size >= 1, "
+                      f"got {m.get('patch_size', 0)}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
   carries_p = getattr(get_attention(m.attention), "carries_p", False)

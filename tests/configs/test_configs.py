@@ -51,3 +51,12 @@ def test_argument_language():
     common.parse_arg("luna,softmax")
   with pytest.raises(ValueError, match="unknown field"):
     importlib.import_module("configs.listops").get_config("model.nope=1")
+
+
+def test_patch_embedding_needs_a_patch_size():
+  c = importlib.import_module("configs.pathfinder").get_config("luna")
+  c.model.embedding = "patches"
+  with pytest.raises(ValueError, match="patch_size >= 1"):
+    trainer.validate_config(c)
+  c.model.patch_size = 4
+  trainer.validate_config(c)

@@ -101,8 +101,8 @@ def test_generator_deterministic_for_a_seed():
 
 
 @pytest.mark.parametrize("resolution,difficulty",
-                         [(32, HARD), (32, "curv_baseline"), (64, "curv_contour_length_9"),
-                          (128, HARD)])
+                         [(16, "curv_contour_length_3"), (32, HARD), (32, "curv_baseline"),
+                          (64, "curv_contour_length_9"), (128, HARD)])
 def test_generated_images_have_size_and_content(resolution, difficulty):
   params = gen.params_for(resolution, difficulty)
   for index in (0, 1):

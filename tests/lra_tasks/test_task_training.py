@@ -58,7 +58,8 @@ def test_image_trains_on_tiny_cifar(tmp_path):
 
 
 def test_pathfinder_trains_on_generated_images(tmp_path):
-  c = _tiny(pathfinder_config.get_config("luna,quick"), 1024)
+  c = _tiny(pathfinder_config.get_config("luna,quick"), 256)     # 16x16, 4x4 patches
   c.pathfinder.num_images = 80
   res = _run(c, tmp_path / "run")
   assert res["task"] == "pathfinder"
+  assert res["data"]["settings"]["resolution"] == 16

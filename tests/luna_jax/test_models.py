@@ -184,3 +184,34 @@ def test_classifier_head_layers_and_bias():
   assert params["classifier_out"]["kernel"].shape == (12, 5) and "bias" in params["classifier_out"]
   _, params, _ = _init(CFG)
   assert "bias" not in params["classifier_out"]                 # Luna's head has none
+
+
+def test_patch_embedding_reads_square_patches_row_major():
+  side, p, d = 8, 4, 5
+  pixels_BxN = jax.random.randint(jax.random.key(0), (2, side * side), 0, 256)
+  embed = models.PatchEmbed(p, d)
+  params = embed.init(jax.random.key(1), pixels_BxN)["params"]
+  out_BxTxD = embed.apply({"params": params}, pixels_BxN)
+  assert out_BxTxD.shape == (2, (side // p) ** 2, d)
+  image = np.asarray(pixels_BxN).reshape(2, side, side) / 255.0
+  kernel, bias = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+  # Token 1 is the top-right patch: rows 0..3, columns 4..7.
+  want = image[:, 0:4, 4:8].reshape(2, 16) @ kernel + bias
+  np.testing.assert_allclose(out_BxTxD[:, 1], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="patch_size=3"):
+    models.PatchEmbed(3, d).init(jax.random.key(1), pixels_BxN)
+
+
+def test_patch_classifier_runs_and_refuses_padded_tasks():
+  cfg = dataclasses.replace(CFG, pad_id=None, vocab_size=256, max_len=64, readout="mean",
+                            embedding="patches", patch_size=4)
+  pixels = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
+  model = models.Classifier(cfg)
+  params = model.init(jax.random.key(0), pixels)["params"]
+  assert "embed_patches" in params["encoder"] and "embed_tokens" not in params["encoder"]
+  logits = model.apply({"params": params}, pixels)
+  assert logits.shape == (2, CFG.num_classes) and np.isfinite(logits).all()
+  # Every pixel counts: changing one changes the logits.
+  assert np.abs(model.apply({"params": params}, pixels.at[0, 63].add(100)) - logits).max() > 0
+  with pytest.raises(ValueError, match="unpadded"):
+    models.Classifier(dataclasses.replace(cfg, pad_id=0)).init(jax.random.key(0), pixels)

@@ -15,6 +15,7 @@ import pytest
 
 from luna_jax import metrics as metrics_lib
 from luna_jax import trainer
+from tests import conftest
 from tests.conftest import REPO
 from tests.luna_jax.test_trainer import tiny_config
 
@@ -34,7 +35,7 @@ def _cmd(workdir, steps, every, extra=()):
 
 def _env(devices, cache):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = conftest.xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["LUNA_JAX_CACHE"] = str(cache)
   return env
