@@ -68,9 +68,10 @@ def show(fig, name):
 # ## Configs
 #
 # The `quick` variants of the task configs, with the step counts above and only a final
-# evaluation. The Pathfinder config generates 4,000 hard (`curv_contour_length_14`) images
-# once into the data cache. At this budget the Pathfinder model stays near chance, so its maps
-# show routing that is still mostly untrained. Raise `PATHFINDER_STEPS` for sharper maps. With
+# evaluation. The Pathfinder config generates 20,000 16x16 images of the easy quick setting
+# once into the data cache; here its model reads one token per pixel (the quick config's 4x4
+# patches would give maps over 16 patches, not pixels). At this budget the Pathfinder model is
+# still mostly untrained; raise `PATHFINDER_STEPS` for sharper maps. With
 # `TINY` the data and models shrink so that the notebook runs in a minute or two (the tests use
 # this); the maps are then those of barely trained models.
 
@@ -98,7 +99,9 @@ def finish(c, steps):
 configs = {
     "listops_luna": finish(listops_config.get_config("luna,quick"), STEPS),
     "listops_softmax": finish(listops_config.get_config("softmax,quick"), STEPS),
-    "pathfinder_luna": finish(pathfinder_config.get_config("luna,quick"), PATHFINDER_STEPS),
+    "pathfinder_luna": finish(pathfinder_config.get_config("luna,quick,model.embedding=tokens,"
+                                                           "model.patch_size=0"),
+                              PATHFINDER_STEPS),
 }
 
 # %% [markdown]
@@ -184,7 +187,7 @@ show(plotting.heatmaps(np.stack(panels), row_mask=mask, col_mask=mask, titles=ti
 # %% [markdown]
 # ## Pathfinder: what each P slot gathers
 #
-# Pathfinder inputs are 32 x 32 images, one token per pixel, with no padding. A row of the
+# Pathfinder inputs here are 16 x 16 images, one token per pixel, with no padding. A row of the
 # pack map is a distribution over pixels, so it can be drawn on the image grid: each panel
 # shows where one P slot reads (mean over heads). The last figure shows the effective map
 # row of one query pixel (the brightest pixel, marked +), i.e. where that pixel gathers from
