@@ -444,6 +444,15 @@ def _check_shapes(target: Any, stored: Any, where: str) -> None:
                               "new --workdir for this config")
 
 
+def _host_copy(tree: Any) -> Any:
+  """The replicated state as host numpy arrays: one device-to-host copy per leaf. (Given the
+  jax.Arrays themselves, orbax slices every leaf once per local replica to share the writing:
+  on 8 host devices that is ~800 dispatches and 0.6 s per save of a tiny model. The state is
+  replicated, so the primary host writes it whole; restores still return sharded jax.Arrays.)"""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.device_get(tree)
+
+
 class Checkpoints:
   """WORKDIR/checkpoints (train state + data iterator, saved asynchronously every `every`
   steps, newest `keep` kept) and WORKDIR/best (parameters of one step, saved synchronously).
@@ -519,11 +528,13 @@ class Checkpoints:
   def save(self, step: int, state: Any, data_iter_state: Any, force: bool = False) -> None:
     """Starts an asynchronous save if the policy (or `force`) says so."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    if not (force or self.mngr.should_save(step)):
+      return
     threads = set(threading.enumerate())
     try:
       started = self.mngr.save(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardSave(state),
-          DATA_ITER_ITEM: ocp.args.JsonSave(data_iter_state)}), force=force)
+          STATE_ITEM: ocp.args.StandardSave(_host_copy(state)),
+          DATA_ITER_ITEM: ocp.args.JsonSave(data_iter_state)}), force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._failed(self._pending if self._pending is not None else step, e)
     if started:
@@ -564,7 +575,7 @@ class Checkpoints:
   def save_best(self, step: int, params: Any) -> None:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     try:
-      self.best.save(step, args=ocp.args.StandardSave(params), force=True)
+      self.best.save(step, args=ocp.args.StandardSave(_host_copy(params)), force=True)
       self.best.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       self._remove_tmp(self.best_dir, step)
