@@ -15,7 +15,7 @@ import platform
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -205,11 +205,15 @@ def dummy_inputs(cfg: models.ModelConfig, seq_len: int, batch: int = 1) -> jnp.n
 
 def init_state(config: ml_collections.ConfigDict, cfg: models.ModelConfig, key: jax.Array
                ) -> TrainState:
-  model = models.Classifier(cfg)
-  params = model.init(key, dummy_inputs(cfg, config.seq_len))["params"]
+  return _init_state(config, models.Classifier(cfg), make_optimizer(config), key)
+
+
+def _init_state(config: ml_collections.ConfigDict, model: models.Classifier,
+                tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  params = model.init(key, dummy_inputs(model.cfg, config.seq_len))["params"]
   if (reinit := models.INITS[config.model.init]) is not None:
     params = reinit(params, jax.random.fold_in(key, 1))
-  return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config))
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
 def step_rngs(key: jax.Array, step: jax.Array, redraw_every: int) -> dict[str, jax.Array]:
@@ -354,8 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_sh, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
-  init_fn = functools.partial(init_state, config, cfg)
-  abstract = jax.eval_shape(init_fn, init_key)
+  programs = _programs(config, cfg, mesh)
+  abstract = programs.abstract
   state_sh = jax.tree.map(lambda _: repl, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sh)
@@ -372,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = ckpts.restore_latest(target)
     if restored is None:
       first_step = 0
-      state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+      state = programs.init(init_key)
       if config.get("init_from"):
         state = _convert_from(config, cfg, state, state_sh, workdir)
     else:
@@ -401,12 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for c in changes:
       _say(f"resumed with a changed config: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
 
-    redraw = config.model.redraw_every
-    p_train = jax.jit(functools.partial(train_step, redraw_every=redraw),
-                      in_shardings=(state_sh, data_sh, repl), out_shardings=(state_sh, repl),
-                      donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, apply_fn=state.apply_fn, redraw_every=redraw),
-                     in_shardings=(state_sh.params, data_sh, repl, repl), out_shardings=repl)
+    p_train, p_eval = programs.train, programs.eval
 
     def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
       sums = None
@@ -522,6 +521,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if writer is not None:
       writer.close()
     ckpts.close()
+
+
+class Programs(NamedTuple):
+  """The jitted programs of one run: `init(key)` -> replicated TrainState, its shapes
+  (`abstract`), `train(state, batch, key)` (state donated) and `eval(params, batch, key, step)`."""
+  init: Callable
+  abstract: Any
+  train: Callable
+  eval: Callable
+
+
+_PROGRAMS: dict[tuple[str, models.ModelConfig, jax.sharding.Mesh], Programs] = {}
+_MAX_PROGRAMS = 4
+
+
+def _programs(config: ml_collections.ConfigDict, cfg: models.ModelConfig,
+              mesh: jax.sharding.Mesh) -> Programs:
+  """The programs of `config` on `mesh`, kept for the last few configs, so that another run of
+  an identical config in this process (a notebook cell run again, a resumed or repeated run in
+  tests and sweeps) reuses the compiled steps instead of tracing and compiling them again."""
+  key = (wd.dumps(wd.config_dict(config), sort_keys=True), cfg, mesh)
+  if key in _PROGRAMS:
+    _PROGRAMS[key] = _PROGRAMS.pop(key)       # most recently used last
+    return _PROGRAMS[key]
+  data_sh, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  # One model and optimizer object: fresh and restored states then have equal tree structures
+  # (apply_fn and tx are static fields), so `train` compiles once for both.
+  init_fn = functools.partial(_init_state, config, models.Classifier(cfg), make_optimizer(config))
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  redraw = config.model.redraw_every
+  programs = Programs(
+      init=jax.jit(init_fn, out_shardings=repl),
+      abstract=abstract,
+      train=jax.jit(functools.partial(train_step, redraw_every=redraw),
+                    in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
+                    donate_argnums=0),
+      eval=jax.jit(functools.partial(eval_step, apply_fn=abstract.apply_fn,
+                                     redraw_every=redraw),
+                   in_shardings=(repl, data_sh, repl, repl), out_shardings=repl))
+  _PROGRAMS[key] = programs
+  while len(_PROGRAMS) > _MAX_PROGRAMS:
+    del _PROGRAMS[next(iter(_PROGRAMS))]
+  return programs
 
 
 def _length_buckets(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
