@@ -256,6 +256,15 @@ def eval_step(params: Any, batch: dict[str, jnp.ndarray], key: jax.Array, step: 
           "count": w.sum(), "class_counts": batch["class_counts"].sum(0)}
 
 
+@functools.partial(jax.jit, static_argnames="fresh")
+def _accumulate(acc: dict[str, jax.Array], m: dict[str, jax.Array], first_bad: jax.Array,
+                step: int, fresh: bool) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Running sums of the step metrics (`m` itself if `fresh`) and the first step whose loss is
+  not finite (-1: none so far), on device: one dispatch per step and no host sync."""
+  acc = m if fresh else jax.tree.map(jnp.add, acc, m)
+  return acc, jnp.where((first_bad < 0) & ~jnp.isfinite(m["loss"]), step, first_bad)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def maybe_initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -431,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop.install()
     progress = metrics_lib.Progress(config.num_train_steps, first_step)
     acc_metrics, acc_n = None, 0
-    first_bad = None
+    first_bad = -1            # first step whose loss was not finite (-1: none), kept on device
     step = first_step
     t_log = time.time()
     stopped_by = None
@@ -441,12 +450,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, m = p_train(state, batch, step_key)
         step += 1
         ckpts.check()          # a failed asynchronous save stops the run here
-        acc_metrics = m if acc_metrics is None else jax.tree.map(jnp.add, acc_metrics, m)
+        acc_metrics, first_bad = _accumulate(m if acc_metrics is None else acc_metrics, m,
+                                             first_bad, step, fresh=acc_metrics is None)
         acc_n += 1
-        # Track the first non-finite step on device (no host sync per step).
-        bad = ~jnp.isfinite(m["loss"])
-        first_bad = (jnp.where(bad, step, -1) if first_bad is None
-                     else jnp.where((first_bad < 0) & bad, step, first_bad))
         is_log = step % config.log_every == 0 or step == config.num_train_steps
         is_eval = step % config.eval_every == 0 or step == config.num_train_steps
         is_ckpt = step % config.checkpoint_every == 0
