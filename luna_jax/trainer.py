@@ -213,7 +213,10 @@ def _init_state(config: ml_collections.ConfigDict, model: models.Classifier,
   params = model.init(key, dummy_inputs(model.cfg, config.seq_len))["params"]
   if (reinit := models.INITS[config.model.init]) is not None:
     params = reinit(params, jax.random.fold_in(key, 1))
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  # A strongly typed step, as a restored checkpoint has: fresh and resumed states then share
+  # one compiled train step.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def step_rngs(key: jax.Array, step: jax.Array, redraw_every: int) -> dict[str, jax.Array]:
@@ -362,12 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
   wd.clean_tmp(workdir)
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = data_mesh()
   data_sh, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(key)
-  programs = _programs(config, cfg, mesh)
+  programs = programs_of(config, cfg, mesh)
   abstract = programs.abstract
   state_sh = jax.tree.map(lambda _: repl, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -529,6 +531,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpts.close()
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """Every device of every process on one "data" axis: the batch is split over it, the state is
+  replicated."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 class Programs(NamedTuple):
   """The jitted programs of one run: `init(key)` -> replicated TrainState, its shapes
   (`abstract`), `train(state, batch, key)` (state donated) and `eval(params, batch, key, step)`."""
@@ -542,8 +551,8 @@ _PROGRAMS: dict[tuple[str, models.ModelConfig, jax.sharding.Mesh], Programs] = {
 _MAX_PROGRAMS = 4
 
 
-def _programs(config: ml_collections.ConfigDict, cfg: models.ModelConfig,
-              mesh: jax.sharding.Mesh) -> Programs:
+def programs_of(config: ml_collections.ConfigDict, cfg: models.ModelConfig,
+                mesh: jax.sharding.Mesh) -> Programs:
   """The programs of `config` on `mesh`, kept for the last few configs, so that another run of
   an identical config in this process (a notebook cell run again, a resumed or repeated run in
   tests and sweeps) reuses the compiled steps instead of tracing and compiling them again."""

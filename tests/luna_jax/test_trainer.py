@@ -1,6 +1,7 @@
 """train_and_evaluate end to end on tiny generated ListOps (8 fake CPU devices)."""
 import json
 import os
+import shutil
 
 import jax
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from configs import listops as listops_config
 from luna_jax import metrics as metrics_lib
 from luna_jax import trainer
+import lra_tasks
 
 
 def tiny_config(attention: str = "luna", steps: int = 2):
@@ -101,3 +103,23 @@ def test_evaluation_uses_the_random_features_the_parameters_were_trained_with():
   got = float(ev(params, batch, key, jnp.asarray(10))["loss"])     # after updates 0..9
   assert got == pytest.approx(loss_with_draw(9), rel=1e-6)
   assert loss_with_draw(9) != pytest.approx(loss_with_draw(10), rel=1e-3)   # draws differ
+
+
+def test_repeated_and_resumed_runs_reuse_the_compiled_programs(tmp_path):
+  """An identical config in the same process (a notebook cell run again, a resumed run) finds
+  its jitted programs: the train step is compiled once for fresh and restored states."""
+  c = tiny_config(steps=4)
+  c.checkpoint_every = 2
+  trainer.train_and_evaluate(c, str(tmp_path / "a"))
+  programs = trainer.programs_of(c, trainer.model_config(c, lra_tasks.load_task(c)),
+                                 trainer.data_mesh())
+  assert programs.train._cache_size() == 1      # pylint: disable=protected-access
+  trainer.train_and_evaluate(c, str(tmp_path / "b"))
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")      # resume "b" from step 2
+  trainer.train_and_evaluate(c, str(tmp_path / "b"))
+  recs = metrics_lib.read_metrics(str(tmp_path / "b"))
+  assert [r["step"] for r in recs if "train_loss" in r] == [1, 2, 3, 4]
+  assert programs.train._cache_size() == 1      # pylint: disable=protected-access
+  assert programs is trainer.programs_of(c, trainer.model_config(c, lra_tasks.load_task(c)),
+                                         trainer.data_mesh())
+

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from luna_jax.analysis import attention_maps as ia
-from luna_jax import models
+from luna_jax import models, trainer
 from luna_jax.analysis import plotting
 from luna_jax.attention import get_attention
 
@@ -331,9 +331,7 @@ def test_load_params_best_and_latest(tmp_path):
   """Checkpoints laid out as trainer.train_and_evaluate writes them, saved from 8 devices."""
   tokens = _tokens()
   params = _params(LUNA, tokens)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  repl = jax.sharding.NamedSharding(trainer.data_mesh(), jax.sharding.PartitionSpec())
   params = jax.device_put(params, repl)
   best_params = jax.tree.map(lambda a: a + 1.0, params)
   (tmp_path / "config.json").write_text(json.dumps({"task": "listops", "model": {"x": 1}}))
