@@ -328,7 +328,8 @@ def test_training_path_computes_and_keeps_no_maps(name):
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_load_params_best_and_latest(tmp_path):
-  """Checkpoints laid out as trainer.train_and_evaluate writes them, saved from 8 devices."""
+  """Checkpoints laid out as trainer.train_and_evaluate writes them, here with replicated
+  jax.Array leaves saved from 8 devices (the trainer itself now saves host copies)."""
   tokens = _tokens()
   params = _params(LUNA, tokens)
   repl = jax.sharding.NamedSharding(trainer.data_mesh(), jax.sharding.PartitionSpec())
