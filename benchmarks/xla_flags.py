@@ -38,14 +38,11 @@ VARIANTS = (
 )
 
 
-def worker(args: argparse.Namespace) -> None:
-  """Runs in the subprocess: prints one JSON line."""
-  import functools
-  import time
-
+def synthetic_setup(args: argparse.Namespace):
+  """(config, model config, initial TrainState, batch) of `args.config` for a synthetic batch:
+  token ids random in [1, vocab), real lengths uniform in [min_len, max_len], the rest padding."""
   import jax
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from luna_jax import models, trainer
   from luna_jax.experiments import sweep
@@ -63,6 +60,21 @@ def worker(args: argparse.Namespace) -> None:
   for i, n in enumerate(lengths):
     x[i, :n] = rng.integers(1, args.vocab, size=n)
   batch = {"inputs": x, "targets": rng.integers(0, args.classes, config.batch_size)}
+  return config, cfg, state, batch
+
+
+def worker(args: argparse.Namespace) -> None:
+  """Runs in the subprocess: prints one JSON line."""
+  import functools
+  import time
+
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from luna_jax import trainer
+
+  _, _, state, batch = synthetic_setup(args)
   devices = jax.devices()
   if len(devices) > 1:      # data parallel over the host devices, as the trainer does
     mesh = Mesh(np.array(devices), ("data",))
@@ -86,8 +98,8 @@ def worker(args: argparse.Namespace) -> None:
                     "devices": len(devices)}), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+  """The config, synthetic batch (`synthetic_setup`) and timing flags of a step benchmark."""
   parser.add_argument("--config", default="configs/listops.py:luna,small,l=16")
   parser.add_argument("--vocab", type=int, default=16)
   parser.add_argument("--classes", type=int, default=10)
@@ -95,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--max_len", type=int, default=2000)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  add_step_arguments(parser)
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--variants", default="", help="comma-separated labels (default: all)")
   parser.add_argument("--out_json", default="")
