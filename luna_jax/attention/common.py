@@ -2,6 +2,7 @@
 masks, dropout."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -90,12 +91,32 @@ def merge_heads(x_BxNxHxK: Array) -> Array:
   return x_BxNxHxK.reshape(b, n, h * k)
 
 
+@jax.custom_vjp
+def softmax_last(x: Array) -> Array:
+  """`jax.nn.softmax` over the last axis whose backward pass keeps only the probabilities y
+  (dx = y * (dy - sum(y * dy))); autodiff of `jax.nn.softmax` also keeps the exponentials and a
+  broadcast of 1/sum: three [.., T, S] tensors instead of one."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_last_fwd(x: Array) -> tuple[Array, Array]:
+  y = jax.nn.softmax(x, axis=-1)
+  return y, y
+
+
+def _softmax_last_bwd(y: Array, dy: Array) -> tuple[Array]:
+  return (y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True)),)
+
+
+softmax_last.defvjp(_softmax_last_fwd, _softmax_last_bwd)
+
+
 def masked_softmax(scores: Array, key_mask: Array | None) -> Array:
   """Float32 softmax over the last axis; `key_mask` (True = keep) broadcasts against scores."""
   scores = scores.astype(jnp.float32)
   if key_mask is not None:
     scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1)
+  return softmax_last(scores)
 
 
 def zero_masked(x_BxNx_: Array, mask_BxN: Array | None) -> Array:
@@ -146,6 +167,21 @@ def _fmix32(h: Array) -> Array:
   return h ^ (h >> 16)
 
 
+def dropout_seeds(key: Array) -> Array:
+  """The two uint32 seeds of a `dropout_keep` mask, drawn from `key`."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def keep_from_seeds(seeds: Array, shape: tuple[int, ...], rate: float) -> Array:
+  """`dropout_keep`'s mask from its seeds (a pure function of seeds and element index)."""
+  size = 1
+  for dim in shape:
+    size *= dim
+  idx = lax.iota(jnp.uint32, size).reshape(shape)
+  bits = _fmix32(_fmix32(idx ^ seeds[0]) + seeds[1])
+  return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+
+
 def dropout_keep(key: Array, shape: tuple[int, ...], rate: float) -> Array:
   """Bool keep-mask with P(keep) = 1 - rate (rate quantised to 2**-32).
 
@@ -153,13 +189,15 @@ def dropout_keep(key: Array, shape: tuple[int, ...], rate: float) -> Array:
   seeded by two uint32 drawn from `key`: a pure function of (key, index), so the mask is the
   same on any number of devices and after a resume, and about 30x cheaper on CPU than
   threefry bits per element (tests/luna_jax/attention/test_dropout.py checks its statistics)."""
-  s = jax.random.bits(key, (2,), jnp.uint32)
-  size = 1
-  for dim in shape:
-    size *= dim
-  idx = lax.iota(jnp.uint32, size).reshape(shape)
-  bits = _fmix32(_fmix32(idx ^ s[0]) + s[1])
-  return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+  return keep_from_seeds(dropout_seeds(key), shape, rate)
+
+
+def _drop(x: Array, seeds: Array | None, rate: float) -> Array:
+  """Inverted dropout of x with the mask of `seeds` (identity when seeds is None)."""
+  if seeds is None:
+    return x
+  keep = keep_from_seeds(seeds, x.shape, rate)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 class Dropout(nn.Module):
@@ -172,5 +210,53 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep = dropout_keep(self.make_rng("dropout"), x.shape, self.rate)
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+    return _drop(x, self.seeds(), self.rate)
+
+  def seeds(self) -> Array:
+    """This module's mask seeds (the same ones `__call__` would draw)."""
+    return dropout_seeds(self.make_rng("dropout"))
+
+
+def softmax_attend(spec: str, scores: Array, key_mask: Array | None, v: Array, *,
+                   dropout_rate: float = 0.0, dropout_seeds: Array | None = None) -> Array:
+  """einsum(spec, dropout(masked_softmax(scores, key_mask)), v): attention weights over the
+  last axis of `scores` applied to `v`.
+
+  The backward pass keeps only the float32 probabilities (and v): the dropout mask is a hash
+  recomputed from its seeds, and the dropped weights are recomputed for dV, so one
+  [.., T, S] tensor per attention map stays alive instead of the three to four autodiff keeps.
+  Dropout, when `dropout_seeds` is given, equals `Dropout(rate)` with those seeds."""
+  scores = scores.astype(jnp.float32)
+  if key_mask is not None:
+    scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
+  if dropout_seeds is None or dropout_rate == 0.0:
+    return _attend_weights(spec, 0.0, scores, v, None)
+  return _attend_weights(spec, float(dropout_rate), scores, v, dropout_seeds)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend_weights(spec: str, rate: float, scores: Array, v: Array, seeds: Array | None
+                    ) -> Array:
+  a = _drop(jax.nn.softmax(scores, axis=-1), seeds, rate)
+  return jnp.einsum(spec, a.astype(v.dtype), v)
+
+
+def _attend_weights_fwd(spec, rate, scores, v, seeds):
+  y = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum(spec, _drop(y, seeds, rate).astype(v.dtype), v)
+  return out, (y, v, seeds)
+
+
+def _attend_weights_bwd(spec, rate, res, g_out):
+  # The barrier keeps XLA from merging the recomputed mask and weights with the forward
+  # pass's (CSE), which would keep those alive from the forward to the backward pass.
+  y, v, seeds = lax.optimization_barrier(res)
+  a = _drop(y, seeds, rate).astype(v.dtype)
+  _, vjp = jax.vjp(lambda a_, v_: jnp.einsum(spec, a_, v_), a, v)
+  da, dv = vjp(g_out)
+  dy = _drop(da.astype(jnp.float32), seeds, rate)     # dropout is its own transpose
+  ds = y * (dy - jnp.sum(y * dy, axis=-1, keepdims=True))
+  return ds, dv, None
+
+
+_attend_weights.defvjp(_attend_weights_fwd, _attend_weights_bwd)

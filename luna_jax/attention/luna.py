@@ -115,11 +115,10 @@ class LunaAttention(nn.Module):
     s_BxMxN = jnp.einsum("bmd,bnd->bmn", pq_BxMxD, pk_BxNxD,
                          preferred_element_type=jnp.float32)
     mask = None if mask_BxN is None else mask_BxN[:, None, :]
-    a_BxMxN = common.masked_softmax(s_BxMxN, mask)
     if self.is_mutable_collection("intermediates"):
-      self.sow("intermediates", "pack_attn", a_BxMxN.reshape(b, h, l, -1))
-    a_BxMxN = self._dropout(a_BxMxN, deterministic)
-    c_BxMxD = jnp.einsum("bmn,bnd->bmd", a_BxMxN.astype(pv_BxNxD.dtype), pv_BxNxD)
+      self.sow("intermediates", "pack_attn",
+               common.masked_softmax(s_BxMxN, mask).reshape(b, h, l, -1))
+    c_BxMxD = self._softmax_attend("bmn,bnd->bmd", s_BxMxN, mask, pv_BxNxD, deterministic)
     # Row (h, j) needs only head h's channels: take the diagonal blocks.
     c_BxHxLxGxK = c_BxMxD.reshape(b, h, l, h, k)
     ctx_BxLxHxK = jnp.einsum("bhlgk,hg->blhk", c_BxHxLxGxK, jnp.eye(h, dtype=c_BxMxD.dtype))
@@ -135,16 +134,21 @@ class LunaAttention(nn.Module):
     s_BxNxHxL = jnp.einsum("bnd,bmd->bnm", q_BxNxD, k_BxMxD,
                            preferred_element_type=jnp.float32).reshape(b, n, h, l)
     mask = None if p_mask_BxL is None else p_mask_BxL[:, None, None, :]
-    a_BxNxHxL = common.masked_softmax(s_BxNxHxL, mask)
     if self.is_mutable_collection("intermediates"):
-      self.sow("intermediates", "unpack_attn", a_BxNxHxL.transpose(0, 2, 1, 3))
-    a_BxNxM = self._dropout(a_BxNxHxL, deterministic).reshape(b, n, h * l)
-    return jnp.einsum("bnm,bmd->bnd", a_BxNxM.astype(v_BxMxD.dtype), v_BxMxD)
+      self.sow("intermediates", "unpack_attn",
+               common.masked_softmax(s_BxNxHxL, mask).transpose(0, 2, 1, 3))
+    v_BxHxLxD = v_BxMxD.reshape(b, h, l, -1)
+    return self._softmax_attend("bnhl,bhld->bnd", s_BxNxHxL, mask, v_BxHxLxD, deterministic)
 
-  def _dropout(self, a: Array, deterministic: bool) -> Array:
+  def _softmax_attend(self, spec: str, scores: Array, key_mask: Array | None, v: Array,
+                      deterministic: bool) -> Array:
+    """einsum(spec, dropout(masked_softmax(scores)), v) with the lean backward pass of
+    `common.softmax_attend`."""
+    seeds = None
     if not deterministic and self.dropout_rate > 0.0:
-      return common.Dropout(self.dropout_rate)(a, deterministic=False)
-    return a
+      seeds = common.Dropout(self.dropout_rate).seeds()
+    return common.softmax_attend(spec, scores, key_mask, v, dropout_rate=self.dropout_rate,
+                                 dropout_seeds=seeds)
 
   def _attend(self, q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
               key_mask_BxS: Array | None, name: str, deterministic: bool) -> Array:
@@ -159,7 +163,6 @@ class LunaAttention(nn.Module):
     s_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
                            preferred_element_type=jnp.float32)
     mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
-    a_BxHxTxS = common.masked_softmax(s_BxHxTxS, mask)
-    self.sow("intermediates", name, a_BxHxTxS)
-    a_BxHxTxS = self._dropout(a_BxHxTxS, deterministic)
-    return jnp.einsum("bhts,bshk->bthk", a_BxHxTxS.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", name, common.masked_softmax(s_BxHxTxS, mask))
+    return self._softmax_attend("bhts,bshk->bthk", s_BxHxTxS, mask, v_BxSxHxK, deterministic)

@@ -60,9 +60,12 @@ class SoftmaxAttention(nn.Module):
       dh = q_BxNxHxK.shape[-1]
       scores_BxHxNxN = jnp.einsum("bqhk,bnhk->bhqn", q_BxNxHxK, k_BxNxHxK,
                                   preferred_element_type=jnp.float32) * dh**-0.5
-      w_BxHxNxN = common.masked_softmax(scores_BxHxNxN, keep_Bx1xNxN)
-      self.sow("intermediates", "attn_weights", w_BxHxNxN)    # only when inspecting
-      w_BxHxNxN = common.Dropout(self.dropout_rate)(w_BxHxNxN, deterministic=not dropout_active)
-      o_BxNxHxK = jnp.einsum("bhqn,bnhk->bqhk", w_BxHxNxN.astype(self.dtype), v_BxNxHxK)
+      if self.is_mutable_collection("intermediates"):
+        self.sow("intermediates", "attn_weights",
+                 common.masked_softmax(scores_BxHxNxN, keep_Bx1xNxN))
+      seeds = common.Dropout(self.dropout_rate).seeds() if dropout_active else None
+      o_BxNxHxK = common.softmax_attend("bhqn,bnhk->bqhk", scores_BxHxNxN, keep_Bx1xNxN,
+                                        v_BxNxHxK.astype(self.dtype),
+                                        dropout_rate=self.dropout_rate, dropout_seeds=seeds)
     y_BxNxD = proj("out", d, e)(common.merge_heads(o_BxNxHxK.astype(self.dtype)))
     return y_BxNxD, None

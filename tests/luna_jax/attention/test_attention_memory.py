@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from luna_jax.attention import get_attention
+from luna_jax.attention import common, get_attention
 
 B, D, H = 1, 16, 2   # dh = 8; no feature or hidden size equals a tested N
 N_SMALL, N_LARGE = 256, 1024
@@ -100,3 +100,43 @@ def test_causal_parallel_form_is_quadratic():
   """chunk_size <= 0 selects the explicit [N, N] causal form: the check must see it."""
   shapes = _shapes("linear_elu", {"chunk_size": 0}, N_SMALL, causal=True)
   assert _has_nxn(shapes, N_SMALL)
+
+
+def _plain_softmax_attend(spec, scores, key_mask, v, *, dropout_rate=0.0, dropout_seeds=None):
+  """What common.softmax_attend replaced: autodiff through softmax, dropout and the einsum."""
+  if key_mask is not None:
+    scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
+  a = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  if dropout_seeds is not None:
+    a = jnp.where(common.keep_from_seeds(dropout_seeds, a.shape, dropout_rate),
+                  a / (1 - dropout_rate), 0.0)
+  return jnp.einsum(spec, a.astype(v.dtype), v)
+
+
+@pytest.mark.parametrize("name,kw", [("luna", {"num_heads": 4}), ("softmax", {"num_heads": 2})])
+def test_lean_softmax_backward_shrinks_the_compiled_temporaries(monkeypatch, name, kw):
+  """Forward+backward of Luna (per-head path: 4 heads x l=64 slots) and softmax attention with
+  padding: XLA's temporary buffer is at least a quarter smaller with common.softmax_attend than
+  with autodiff of the plain composition (measured here: 40%; Luna at N=16K, l=256, D=256: 31%;
+  the softmax small-protocol step: 48%). With attention dropout the backward pass's transients
+  set the peak and both are about equal (within 2%)."""
+  n, l, d = 512, 64, 32
+  x = jax.random.normal(jax.random.key(0), (2, n, d))
+  p = jax.random.normal(jax.random.key(1), (2, l, d))
+  keep = jnp.arange(n)[None, :] < jnp.array([[n], [n * 3 // 4]])
+  module = get_attention(name)(dropout_rate=0.1, **kw)
+  params = module.init(jax.random.key(2), x, keep, p)["params"]
+
+  def temp_bytes(deterministic):
+    def loss(prm, x, p):
+      y, yp = module.apply({"params": prm}, x, keep, p, deterministic=deterministic,
+                           rngs={"dropout": jax.random.key(3)})
+      return jnp.sum(jnp.sin(y)) + (0.0 if yp is None else jnp.sum(jnp.sin(yp)))
+    f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return f.lower(params, x, p).compile().memory_analysis().temp_size_in_bytes
+
+  lean, lean_dropout = temp_bytes(True), temp_bytes(False)
+  monkeypatch.setattr(common, "softmax_attend", _plain_softmax_attend)
+  plain, plain_dropout = temp_bytes(True), temp_bytes(False)
+  assert lean < 0.75 * plain, (lean, plain)
+  assert lean_dropout <= 1.02 * plain_dropout, (lean_dropout, plain_dropout)
