@@ -228,13 +228,17 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
     box["loss"] = float(out[0])
 
   t0 = time.perf_counter()
-  grad_step.lower(params, x, p, keep).compile()
+  compiled = grad_step.lower(params, x, p, keep).compile()
   compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  xla_mb = {"xla_temp_mb": mem.temp_size_in_bytes / 2**20,
+            "xla_total_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                             + mem.output_size_in_bytes) / 2**20}
   res = time_steps(step, args.warmup, args.repeats)
   import flax
   import jaxlib
   res.update(setup_rss_mb=setup_rss, peak_rss_mb=rss_mb(), loss=box["loss"],
-             compile_s=compile_s, backend=jax.default_backend(),
+             compile_s=compile_s, **xla_mb, backend=jax.default_backend(),
              cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
              versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                        "flax": flax.__version__, "numpy": np.__version__},
@@ -305,8 +309,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
          "median_ms": statistics.median(r["median_ms"] for r in ok),
          "min_ms": min(r["min_ms"] for r in ok),
          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
-  if "compile_s" in ok[0]:
-    out["compile_s"] = statistics.median(r["compile_s"] for r in ok)
+  for key in ("compile_s", "xla_total_mb"):
+    if key in ok[0]:
+      out[key] = statistics.median(r[key] for r in ok)
   return out
 
 
@@ -331,13 +336,17 @@ def markdown(report: dict[str, Any]) -> str:
       "(> 1: JAX faster). Peak RSS is the raw ru_maxrss of the measuring subprocess; idle "
       f"baseline (import only / after one tiny op): torch {fmt(base['torch'].get('import_rss_mb'))}"
       f" / {fmt(base['torch'].get('tiny_op_rss_mb'))} MB, jax "
-      f"{fmt(base['jax'].get('import_rss_mb'))} / {fmt(base['jax'].get('tiny_op_rss_mb'))} MB.",
+      f"{fmt(base['jax'].get('import_rss_mb'))} / {fmt(base['jax'].get('tiny_op_rss_mb'))} MB. "
+      "jax XLA MB is the compiled step's own footprint (arguments + outputs + temporaries, "
+      "`memory_analysis()`); back-to-back steps can hold two steps' temporaries at once (the "
+      "CPU runtime frees a step's temporaries after its outputs are ready), which the peak RSS "
+      "includes.",
       "",
       "torch ms is the faster of its OpenMP wait policies (each shown in the last column).",
       "",
-      "| what | N | l | torch ms | jax ms | ratio | torch RSS MB | jax RSS MB | jax compile s "
-      "| load before -> after | torch ms by OMP_WAIT_POLICY |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| what | N | l | torch ms | jax ms | ratio | torch RSS MB | jax RSS MB | jax XLA MB "
+      "| jax compile s | load before -> after | torch ms by OMP_WAIT_POLICY |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["results"]:
     t, j = r["torch"], r["jax"]
@@ -347,11 +356,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"| {r['what']} | {r['n']} | {r['l']} | {fmt(t.get('median_ms'))} | "
         f"{fmt(j.get('median_ms'))} | {fmt(r.get('ratio'), '.2f')} | "
         f"{fmt(t.get('peak_rss_mb'), '.0f')} | {fmt(j.get('peak_rss_mb'), '.0f')} | "
+        f"{fmt(j.get('xla_total_mb'), '.0f')} | "
         f"{fmt(j.get('compile_s'), '.2f')} | {load(r['loadavg_before'])} -> "
         f"{load(r['loadavg_after'])} | {variants} |")
     for impl in IMPLS:
       if r[impl].get("status") not in ("ok",):
-        lines.append(f"|  | | | {impl}: {r[impl].get('status')} | | | | | | | |")
+        lines.append(f"|  | | | {impl}: {r[impl].get('status')} | | | | | | | | |")
   return "\n".join(lines) + "\n"
 
 
