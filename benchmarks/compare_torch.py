@@ -134,6 +134,14 @@ def time_steps(step, warmup: int, repeats: int) -> dict[str, Any]:
           "min_ms": min(times)}
 
 
+def write_outputs(json_path: str, report: dict[str, Any], md_path: str, md: str) -> None:
+  """Writes the report as JSON and the markdown table, each where a path is given."""
+  for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, md)):
+    if path:
+      pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+      pathlib.Path(path).write_text(text)
+
+
 # ----------------------------------------------------------------------------- workers
 
 def worker_baseline(impl: str) -> dict[str, Any]:
@@ -189,10 +197,11 @@ def worker_torch(args: argparse.Namespace) -> dict[str, Any]:
   return res
 
 
-def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
+def jax_step(args: argparse.Namespace):
+  """The JAX side's jitted step (value and gradients w.r.t. params, x and P) and its arguments
+  (params, x, p, keep) for args.what at (args.n, args.l); also used by benchmarks/op_profile.py."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from luna_jax import models
   from luna_jax.attention.luna import LunaAttention
   x_np, p_np, pad_np = make_inputs(args.n, args.l, args.batch, args.dim, args.pad_frac, args.seed)
@@ -219,6 +228,13 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
   grad_step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
   x, p = jnp.asarray(x_np), jnp.asarray(p_np)
   keep = jnp.asarray(~pad_np) if pad_np.any() else None
+  return grad_step, (params, x, p, keep)
+
+
+def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
+  import jax
+  import numpy as np
+  grad_step, (params, x, p, keep) = jax_step(args)
   setup_rss = rss_mb()
   box = {}
 
@@ -439,14 +455,7 @@ def parent_main(args: argparse.Namespace) -> int:
   }
   md = markdown(report)
   print(md)
-  if args.out_json:
-    path = pathlib.Path(args.out_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-  if args.out_md:
-    path = pathlib.Path(args.out_md)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(md)
+  write_outputs(args.out_json, report, args.out_md, md)
   failed = [r for r in results
             if r["torch"].get("status") != "ok" or r["jax"].get("status") != "ok"]
   return 1 if failed else 0
