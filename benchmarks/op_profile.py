@@ -9,6 +9,9 @@ runs independent ops concurrently), so op times can add up to more than the step
 
   python -m benchmarks.op_profile --what layer --n 4096 --l 256 \
       --out_json benchmarks/results/cpu_op_profile_layer_4k_256.json
+
+With --config, the step profiled is instead the trainer's `train_step` for that config on the
+synthetic batch of benchmarks/xla_flags.py (e.g. configs/listops.py:luna,small,l=16).
 """
 from __future__ import annotations
 
@@ -52,9 +55,28 @@ def hlo_ops(hlo_text: str) -> dict[str, dict[str, Any]]:
   return ops
 
 
+def _step(args: argparse.Namespace):
+  """(jitted step, its arguments): compare_torch's module step, or the trainer's train_step."""
+  if not args.config:
+    return compare_torch.jax_step(args)
+  import functools
+  import jax
+  from benchmarks import xla_flags
+  from luna_jax import trainer
+  _, _, state, batch = xla_flags.synthetic_setup(args)
+  step = jax.jit(functools.partial(trainer.train_step, redraw_every=0))
+  return step, (state, batch, jax.random.key(1))
+
+
+def op_kind(name: str) -> str:
+  """An op's kind for the summary: its HLO name without the numeric suffix
+  (copy_bitcast_fusion.12 -> copy_bitcast_fusion)."""
+  return re.sub(r"\.\d+$", "", name)
+
+
 def profile(args: argparse.Namespace) -> dict[str, Any]:
   import jax
-  step, operands = compare_torch.jax_step(args)
+  step, operands = _step(args)
   compiled = step.lower(*operands).compile()
   ops = hlo_ops(compiled.as_text())
   for _ in range(args.warmup):
@@ -80,24 +102,34 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     kind = "dot" if ops[name]["dot"] else "other"
     split[kind] += per_op[name]
     counts[kind] += 1
+  by_kind: collections.Counter = collections.Counter()
+  kind_ops: collections.Counter = collections.Counter()
+  for name, ms in per_op.items():
+    kind = "dots (any op or fusion with a dot)" if ops[name]["dot"] else op_kind(name)
+    by_kind[kind] += ms
+    kind_ops[kind] += 1
+  kinds = [{"kind": k, "ms": ms, "ops": kind_ops[k]} for k, ms in by_kind.most_common(args.top)]
   top = [{"op": name, "ms": ms, "kind": "dot" if ops[name]["dot"] else "other",
           "shape": ops[name]["shape"], "source": ops[name]["op_name"]}
          for name, ms in per_op.most_common(args.top)]
-  return {"what": args.what, "n": args.n, "l": args.l, "batch": args.batch, "dim": args.dim,
-          "heads": args.heads, "ffn": args.ffn, "steps": args.steps, "wall_ms": wall_ms,
-          "dot_ms": split["dot"], "other_ms": split["other"], "dot_ops": counts["dot"],
-          "other_ops": counts["other"], "top": top,
-          "versions": {"jax": jax.__version__}}
+  step_name = (f"train_step of {args.config}" if args.config else
+                f"{args.what} N={args.n} l={args.l} (B={args.batch}, D={args.dim}, "
+                f"{args.heads} heads, FFN {args.ffn})")
+  return {"step": step_name, "config": args.config, "what": args.what, "n": args.n,
+          "l": args.l, "batch": args.batch, "dim": args.dim, "heads": args.heads,
+          "ffn": args.ffn, "steps": args.steps, "wall_ms": wall_ms, "dot_ms": split["dot"],
+          "other_ms": split["other"], "dot_ops": counts["dot"], "other_ops": counts["other"],
+          "kinds": kinds, "top": top, "versions": {"jax": jax.__version__}}
 
 
 def report_text(rep: dict[str, Any]) -> str:
-  lines = [f"{rep['what']} N={rep['n']} l={rep['l']} (B={rep['batch']}, D={rep['dim']}, "
-           f"{rep['heads']} heads, FFN {rep['ffn']}): step {rep['wall_ms']:.0f} ms wall; op time "
+  lines = [f"{rep['step']}: {rep['wall_ms']:.0f} ms wall per step; op time "
            f"dots {rep['dot_ms']:.0f} ms ({rep['dot_ops']} ops), other {rep['other_ms']:.0f} ms "
-           f"({rep['other_ops']} ops)", "",
-           "| ms | kind | op | shape | emitted by |", "|---|---|---|---|---|"]
+           f"({rep['other_ops']} ops)", "", "| ms | ops | kind |", "|---|---|---|"]
+  lines += [f"| {k['ms']:.1f} | {k['ops']} | {k['kind']} |" for k in rep["kinds"]]
+  lines += ["", "| ms | kind | op | shape | emitted by |", "|---|---|---|---|---|"]
   for t in rep["top"]:
-    src = t["source"].replace("jit(loss)/", "")
+    src = re.sub(r"^jit\([\w]+\)/", "", t["source"])
     lines.append(f"| {t['ms']:.1f} | {t['kind']} | {t['op']} | {t['shape']} | {src} |")
   return "\n".join(lines) + "\n"
 
@@ -105,10 +137,18 @@ def report_text(rep: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  defaults = compare_torch.build_parser()
-  for flag in ("--batch", "--dim", "--heads", "--ffn", "--pad_frac", "--seed"):
-    action = next(a for a in defaults._actions if flag in a.option_strings)
-    ap.add_argument(flag, type=action.type, default=action.default, help=action.help)
+  from benchmarks import xla_flags
+  step_flags = argparse.ArgumentParser(add_help=False)
+  xla_flags.add_step_arguments(step_flags)
+  # compare_torch's sizes for the module step; xla_flags' synthetic batch for --config.
+  for parser, flags in ((compare_torch.build_parser(),
+                         ("--batch", "--dim", "--heads", "--ffn", "--pad_frac", "--seed")),
+                        (step_flags, ("--vocab", "--classes", "--min_len", "--max_len"))):
+    for flag in flags:
+      action = next(a for a in parser._actions if flag in a.option_strings)
+      ap.add_argument(flag, type=action.type, default=action.default, help=action.help)
+  ap.add_argument("--config", default="",
+                  help="profile the trainer's train_step for this config instead (path[:arg])")
   ap.add_argument("--what", default="layer", choices=compare_torch.WHATS)
   ap.add_argument("--n", type=int, default=4096)
   ap.add_argument("--l", type=int, default=256)

@@ -1,4 +1,6 @@
 """benchmarks/op_profile.py on a tiny Luna layer (no timing assertions)."""
+import pytest
+
 from benchmarks import op_profile
 
 HLO = """HloModule m
@@ -32,4 +34,21 @@ def test_profile_of_a_tiny_layer_names_dots_and_other_ops(tmp_path):
   assert rep["dot_ms"] > 0 and rep["other_ms"] > 0 and rep["wall_ms"] > 0
   assert {t["kind"] for t in rep["top"]} == {"dot", "other"}
   assert any("ffn" in t["source"] for t in rep["top"])
-  assert (tmp_path / "p.md").read_text().count("\n| ") == len(rep["top"]) + 1
+  table = (tmp_path / "p.md").read_text()
+  assert table.count("\n| ") == len(rep["kinds"]) + 1 + len(rep["top"]) + 1   # 2 headers
+  assert all(f"| {t['op']} |" in table for t in rep["top"])
+
+
+def test_profile_of_the_trainers_step_sums_op_kinds():
+  tiny = ("configs/listops.py:luna,quick,seq_len=32,batch_size=4,model.emb_dim=16,"
+          "model.mlp_dim=32,model.num_heads=2,model.classifier_dim=16,model.num_layers=1")
+  rep = op_profile.main(["--config", tiny, "--min_len", "8", "--max_len", "24", "--steps", "2",
+                         "--warmup", "1", "--top", "1000"])
+  assert rep["step"].startswith("train_step of configs/listops.py")
+  kinds = {k["kind"]: k for k in rep["kinds"]}
+  assert sum(k["ms"] for k in rep["kinds"]) == pytest.approx(rep["dot_ms"] + rep["other_ms"])
+  assert sum(k["ops"] for k in rep["kinds"]) == rep["dot_ops"] + rep["other_ops"]
+  assert kinds["dots (any op or fusion with a dot)"]["ops"] == rep["dot_ops"]
+  assert any("optimizer" in t["source"] or "adam" in t["source"].lower() or
+             "Classifier" in t["source"] for t in rep["top"])
+  assert op_profile.op_kind("copy_bitcast_fusion.12") == "copy_bitcast_fusion"
