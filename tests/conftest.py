@@ -5,8 +5,12 @@ import os
 # 2 cores, cold compile cache: test_family_training + test_trainer_scale + test_models 193 s vs
 # 317 s). Results agree with default compiles to float tolerance but not bitwise, so every
 # process of a bitwise comparison must use the same flags (`xla_flags` for subprocesses).
+# jaxlib 0.11's XLA has no xla_cpu_use_fusion_emitters (an unknown flag aborts the process).
+from importlib import metadata  # noqa: E402
+
+_JAXLIB = tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-                      " --xla_cpu_use_fusion_emitters=false")
+                      + (" --xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11) else ""))
 
 
 def xla_flags(devices: int | None) -> str:

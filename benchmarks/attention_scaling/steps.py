@@ -38,7 +38,9 @@ class Step:
 # About 4x faster CPU compiles of the small test models (measured on jaxlib 0.10.2).
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                         "xla_llvm_disable_expensive_passes": True}
-FAST_COMPILE_OPTIONS_CPU = {"xla_cpu_use_fusion_emitters": False}
+# jaxlib 0.11's XLA no longer has this option (an unknown option is an error there).
+FAST_COMPILE_OPTIONS_CPU = ({"xla_cpu_use_fusion_emitters": False}
+                            if jax.__version_info__ < (0, 11) else {})
 
 
 def compiler_options(args: argparse.Namespace) -> dict[str, Any] | None:
