@@ -2,8 +2,13 @@
 # The attention scaling sweep on one GPU (written for a lent H100), bf16, results under $OUT.
 #
 # Setup, from the repository root, on a machine with CUDA 12 drivers:
-#   pip install -r requirements.txt && pip install -U "jax[cuda12]>=0.10.0,<0.11"
-# (the device machines have no network: install before, or carry a prepared virtualenv).
+#   pip install -r requirements.txt && pip install -U "jax[cuda12]>=0.10.0,<0.12"
+# (the device machines have no network: install before, or carry a prepared virtualenv). On the
+# lent H200 of 2026-11-30 (Python 3.12 with jax 0.11.2 + CUDA 13, flax, optax, orbax already
+# installed) it was enough to carry py3.12 wheels of ml-collections, grain, array-record and
+# portpicker (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), install
+# them with `pip install --no-index --no-deps --target /tmp/site` and set
+# PYTHONPATH=/tmp/site:$PWD; benchmarks/RESULTS.md has what that run measured.
 #
 # Run, from the repository root (each phase is sized for one ~10-minute command; "all" runs
 # them in order; a phase's JSON is rewritten after every point, so an interrupted phase keeps
@@ -17,7 +22,9 @@
 #
 # model-*: the LRA Table 2 Text classifier (4 layers, D=256, 4 heads, MLP 1024, batch 32, AdamW
 # train step) at 1K-4K; layer-*: one attention layer fwd+bwd, batch 8, D=256, 4 heads.
-# Overrides: PYTHON, DTYPE (bfloat16), REPEATS (5), MAX_SECONDS (30, per point), ISOLATE=1
+# Overrides: PYTHON, DTYPE (bfloat16), REPEATS (5), MAX_SECONDS (60, per point: once a point
+# takes longer, compilation included, the longer lengths of that mechanism are skipped; the
+# Text model compiles in 12-23 s on an H200, so 20 s skipped every model point after 1K), ISOLATE=1
 # (a fresh process per point: exact device peak memory, slower), EXTRA (more flags, after the
 # phase's own, so they win), SKIP_GPU_CHECK=1 (CPU dry run), e.g.
 #   SKIP_GPU_CHECK=1 DTYPE=float32 REPEATS=1 OUT=/tmp/dry EXTRA="--lengths 64,128 --dim 16 \
@@ -30,7 +37,7 @@ OUT="${OUT:?set OUT to the output directory}"
 PYTHON="${PYTHON:-python}"
 DTYPE="${DTYPE:-bfloat16}"
 REPEATS="${REPEATS:-5}"
-MAX_SECONDS="${MAX_SECONDS:-30}"
+MAX_SECONDS="${MAX_SECONDS:-60}"
 # Let XLA use most of the GPU (its default is 75%); points above this budget are "oom" rows.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
