@@ -71,17 +71,6 @@ def rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def loadavg() -> list[float] | None:
   try:
     return [round(x, 2) for x in os.getloadavg()]
@@ -339,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
   m = report["meta"]
   base = report["baseline"]
   lines = [
-      f"# Luna: PyTorch rendering of the official modules vs luna_jax (CPU, float32)",
+      "# Luna: PyTorch rendering of the official modules vs luna_jax (CPU, float32)",
       "",
       f"{m['date']}; {m['cpu_model']} ({m['cpu_count']} logical CPUs); "
       f"torch {m['versions'].get('torch', '?')} ({m['torch_threads']} threads), "
@@ -442,7 +431,7 @@ def parent_main(args: argparse.Namespace) -> int:
             flush=True)
 
   report = {
-      "meta": {"date": date, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+      "meta": {"date": date, "cpu_model": runtime.cpu_model(), "cpu_count": os.cpu_count(),
                "platform": platform.platform(), "python": platform.python_version(),
                "versions": versions, "torch_threads": threads.get("torch"), "threads": threads,
                "command": [sys.executable, *sys.argv], "batch": args.batch, "dim": args.dim,

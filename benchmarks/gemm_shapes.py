@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     except ImportError:
       print("torch is not installed: timing jax only", file=sys.stderr)
       fws.remove("torch")
-  from benchmarks.attention_scaling import machine
+  from luna_jax import runtime
   load_before = os.getloadavg()
   runs: dict[str, list] = {f: [] for f in fws}
   versions: dict[str, Any] = {}
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
       row[f + "_ms"] = statistics.median(r[i] for r in runs[f])
     rows.append(row)
   report = {"meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "cpu_model": machine.cpu_model(), "versions": versions,
+                     "cpu_model": runtime.cpu_model(), "versions": versions,
                      "preset": args.preset, "sizes": PRESETS[args.preset], "frameworks": fws,
                      "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats,
                      "load_before": [round(x, 2) for x in load_before],

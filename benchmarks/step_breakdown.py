@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from benchmarks import xla_flags
 from benchmarks.attention_scaling import machine
+from luna_jax import runtime
 
 PARTS = ("train step", "forward+backward", "optimizer", "forward", "encoder layer", "attention",
          "layer minus attention", "embedding, readout, loss", "input pipeline")
@@ -138,7 +139,7 @@ def report(args: argparse.Namespace, seconds: dict[str, float], load_before: flo
       "config": args.config, "batch_lengths": [args.min_len, args.max_len],
       "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_before": load_before, "load_after": os.getloadavg()[0],
-      "machine": machine.cpu_model(), "versions": machine.versions(),
+      "machine": runtime.cpu_model(), "versions": machine.versions(),
       "parts": [{"part": k, "ms": seconds[k] * 1e3, "share_of_step": seconds[k] / step}
                 for k in PARTS]}
 
@@ -177,6 +178,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  from luna_jax import runtime
   runtime.preload_tcmalloc()       # as train.py's step has it
   main()

@@ -1,4 +1,4 @@
-"""Process-level setup of a CPU host: the memory allocator.
+"""Process-level setup of a CPU host: the memory allocator; and what the host's CPU is.
 
 On Linux, glibc's malloc serves XLA's large temporary buffers with mmap and gives them back to
 the OS after every step, so the next step page-faults them in again. tcmalloc keeps them: on this
@@ -12,6 +12,7 @@ buffers come from.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 ENV = "LUNA_JAX_MALLOC"
@@ -43,3 +44,15 @@ def preload_tcmalloc(argv: list[str] | None = None) -> None:
   env["LD_PRELOAD"] = os.pathsep.join(filter(None, [lib, env.get("LD_PRELOAD")]))
   env[ENV] = "tcmalloc"
   os.execve(sys.executable, argv or sys.orig_argv, env)   # orig_argv: python -c/-m too
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import signal
 import threading
 import time
@@ -309,15 +308,9 @@ class _StopFlag:
 
 def machine_description() -> dict[str, Any]:
   """What ran this: device kind and count, processes, CPU model, jax version."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
-  except OSError:
-    pass
   return {"device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-          "num_processes": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+          "num_processes": jax.process_count(), "cpu": runtime.cpu_model(),
+          "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "malloc": runtime.allocator()}
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from luna_jax import runtime
 
 
 def device_peak_bytes() -> int | None:
@@ -46,24 +47,12 @@ def memory_limit_bytes(override_gb: float | None) -> int | None:
   return int(0.9 * avail) if avail else None
 
 
-def cpu_model() -> str:
-  """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def device_description() -> str:
   """`<kind> [<platform>, <n> device(s), using 1]`; on CPU the kind is the CPU model."""
   d = jax.devices()[0]
   kind = d.device_kind
   if d.platform == "cpu":
-    kind = f"{cpu_model()} ({os.cpu_count()} cores)"
+    kind = f"{runtime.cpu_model()} ({os.cpu_count()} cores)"
   return f"{kind} [{d.platform}, {jax.device_count()} device(s), using 1]"
 
 

@@ -34,3 +34,25 @@ def test_allocator_reads_ld_preload(monkeypatch):
   assert runtime.allocator() == "tcmalloc"
   monkeypatch.setenv("LD_PRELOAD", "")
   assert runtime.allocator() == "system"
+
+
+def test_cpu_model_reads_proc_cpuinfo_and_falls_back(monkeypatch):
+  import builtins
+  import platform
+  real_open = builtins.open
+  cpuinfo = "processor\t: 0\nmodel name\t: Test CPU 9000 @ 3GHz\nflags\t: x\n"
+
+  def fake_open(path, *a, **kw):
+    if path == "/proc/cpuinfo":
+      import io
+      return io.StringIO(cpuinfo)
+    return real_open(path, *a, **kw)
+
+  monkeypatch.setattr(builtins, "open", fake_open)
+  assert runtime.cpu_model() == "Test CPU 9000 @ 3GHz"
+
+  def no_proc(path, *a, **kw):
+    raise OSError("no /proc here")
+
+  monkeypatch.setattr(builtins, "open", no_proc)
+  assert runtime.cpu_model() == (platform.processor() or platform.machine())
