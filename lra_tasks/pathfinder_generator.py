@@ -77,6 +77,7 @@ from PIL import Image
 from lra_tasks.common import write_generated_marker
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 15.0     # seconds between the generator's progress lines
 
 # This module's import name, recorded in provenance (`__name__` is "__main__" under -m).
 GENERATOR = "lra_tasks.pathfinder_generator"
@@ -615,14 +616,18 @@ def generate(out_dir: str, resolution: int = 32, difficulty: str = "curv_contour
   jobs = [(root, params, seed, b, start, min(start + batch_size, num_images))
           for b, start in enumerate(range(0, num_images, batch_size))]
   t0 = time.time()
-  made = 0
+  made, last_log = 0, t0
 
   def progress(count: int) -> None:
-    nonlocal made
+    """A console line every PROGRESS_EVERY_S seconds and at the end, not one per batch."""
+    nonlocal made, last_log
     made += count
-    elapsed = time.time() - t0
+    now = time.time()
+    if made < num_images and now - last_log < PROGRESS_EVERY_S:
+      return
+    last_log = now
     log.info("Pathfinder generator: %d of %d images in %.0f s (%.0f images/s)", made,
-             num_images, elapsed, made / max(elapsed, 1e-9))
+             num_images, now - t0, made / max(now - t0, 1e-9))
 
   if workers <= 1 or len(jobs) == 1:
     for job in jobs:

@@ -246,3 +246,17 @@ def test_empty_data_dir_generates_once_into_cache(tmp_path, monkeypatch):
                                     second.splits[split][i]["inputs"])
   labels = [int(r["targets"]) for r in all_records(first)]
   assert labels.count(1) == 10
+
+
+def test_generator_logs_progress_at_most_every_interval_and_at_the_end(tmp_path, caplog,
+                                                                      monkeypatch):
+  monkeypatch.setattr(gen, "PROGRESS_EVERY_S", 3600.0)
+  with caplog.at_level(logging.INFO, logger=gen.__name__):
+    gen.generate(str(tmp_path), 32, HARD, num_images=8, seed=1, batch_size=2)   # 4 batches
+  lines = [r.getMessage() for r in caplog.records if "Pathfinder generator" in r.getMessage()]
+  assert len(lines) == 1 and lines[0].startswith("Pathfinder generator: 8 of 8 images")
+  monkeypatch.setattr(gen, "PROGRESS_EVERY_S", 0.0)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger=gen.__name__):
+    gen.generate(str(tmp_path / "b"), 32, HARD, num_images=8, seed=1, batch_size=2)
+  assert sum("Pathfinder generator" in r.getMessage() for r in caplog.records) == 4
