@@ -202,13 +202,12 @@ def jax_step(args: argparse.Namespace):
                              num_heads=args.heads, mlp_dim=args.ffn)
     module = models.EncoderLayer(cfg)
     call = lambda prm, x, keep, p: module.apply({"params": prm}, x, keep, p, None, True)
-  # Parameters do not depend on N or l: initialise on a tiny input (no eager full-size pass).
+  # Parameters do not depend on N or l: initialise on a tiny input, jitted as the trainer's
+  # init is (eager init compiles every op on its own: about 13 MB more RSS at setup).
   tiny_x, tiny_p = jnp.zeros((1, 4, args.dim)), jnp.zeros((1, 2, args.dim))
-  if args.what == "attention":
-    params = module.init(jax.random.PRNGKey(args.seed), tiny_x, None, tiny_p)["params"]
-  else:
-    params = module.init(jax.random.PRNGKey(args.seed), tiny_x, None, tiny_p, None,
-                         True)["params"]
+  extra = () if args.what == "attention" else (None, True)
+  params = jax.jit(lambda key: module.init(key, tiny_x, None, tiny_p, *extra)["params"])(
+      jax.random.PRNGKey(args.seed))
 
   def loss(prm, x, p, keep):
     y, yp = call(prm, x, keep, p)
@@ -235,6 +234,7 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
   t0 = time.perf_counter()
   compiled = grad_step.lower(params, x, p, keep).compile()
   compile_s = time.perf_counter() - t0
+  compiled_rss = rss_mb()
   mem = compiled.memory_analysis()
   xla_mb = {"xla_temp_mb": mem.temp_size_in_bytes / 2**20,
             "xla_total_mb": (mem.temp_size_in_bytes + mem.argument_size_in_bytes
@@ -242,8 +242,8 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
   res = time_steps(step, args.warmup, args.repeats)
   import flax
   import jaxlib
-  res.update(setup_rss_mb=setup_rss, peak_rss_mb=rss_mb(), loss=box["loss"],
-             compile_s=compile_s, **xla_mb, backend=jax.default_backend(),
+  res.update(setup_rss_mb=setup_rss, compiled_rss_mb=compiled_rss, peak_rss_mb=rss_mb(),
+             loss=box["loss"], compile_s=compile_s, **xla_mb, backend=jax.default_backend(),
              cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
              versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                        "flax": flax.__version__, "numpy": np.__version__},
@@ -314,9 +314,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
          "median_ms": statistics.median(r["median_ms"] for r in ok),
          "min_ms": min(r["min_ms"] for r in ok),
          "peak_rss_mb": max(r["peak_rss_mb"] for r in ok)}
-  for key in ("compile_s", "xla_total_mb"):
+  for key in ("compile_s", "xla_total_mb", "setup_rss_mb", "compiled_rss_mb"):
     if key in ok[0]:
       out[key] = statistics.median(r[key] for r in ok)
+  # RSS the timed steps added: above setup (torch) or above setup + compilation (JAX).
+  before_steps = out.get("compiled_rss_mb", out.get("setup_rss_mb"))
+  if before_steps is not None:
+    out["steps_rss_mb"] = statistics.median(
+        r["peak_rss_mb"] - r.get("compiled_rss_mb", r["setup_rss_mb"]) for r in ok)
   return out
 
 
@@ -345,13 +350,17 @@ def markdown(report: dict[str, Any]) -> str:
       "jax XLA MB is the compiled step's own footprint (arguments + outputs + temporaries, "
       "`memory_analysis()`); back-to-back steps can hold two steps' temporaries at once (the "
       "CPU runtime frees a step's temporaries after its outputs are ready), which the peak RSS "
-      "includes.",
+      "includes. jax RSS setup / compiled is the peak RSS after initialising parameters and "
+      "inputs / after compiling the step (the XLA compiler's high-water mark stays in the peak); "
+      "steps +MB is what the timed steps added to the peak RSS (torch: above its setup; "
+      "jax: above its compiled figure).",
       "",
       "torch ms is the faster of its OpenMP wait policies (each shown in the last column).",
       "",
-      "| what | N | l | torch ms | jax ms | ratio | torch RSS MB | jax RSS MB | jax XLA MB "
+      "| what | N | l | torch ms | jax ms | ratio | torch RSS MB | jax RSS MB "
+      "| jax RSS setup / compiled MB | steps +MB torch / jax | jax XLA MB "
       "| jax compile s | load before -> after | torch ms by OMP_WAIT_POLICY |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["results"]:
     t, j = r["torch"], r["jax"]
@@ -361,12 +370,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"| {r['what']} | {r['n']} | {r['l']} | {fmt(t.get('median_ms'))} | "
         f"{fmt(j.get('median_ms'))} | {fmt(r.get('ratio'), '.2f')} | "
         f"{fmt(t.get('peak_rss_mb'), '.0f')} | {fmt(j.get('peak_rss_mb'), '.0f')} | "
+        f"{fmt(j.get('setup_rss_mb'), '.0f')} / {fmt(j.get('compiled_rss_mb'), '.0f')} | "
+        f"{fmt(t.get('steps_rss_mb'), '.0f')} / {fmt(j.get('steps_rss_mb'), '.0f')} | "
         f"{fmt(j.get('xla_total_mb'), '.0f')} | "
         f"{fmt(j.get('compile_s'), '.2f')} | {load(r['loadavg_before'])} -> "
         f"{load(r['loadavg_after'])} | {variants} |")
     for impl in IMPLS:
       if r[impl].get("status") not in ("ok",):
-        lines.append(f"|  | | | {impl}: {r[impl].get('status')} | | | | | | | | |")
+        lines.append(f"|  | | | {impl}: {r[impl].get('status')} | | | | | | | | | | |")
   return "\n".join(lines) + "\n"
 
 
