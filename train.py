@@ -22,6 +22,7 @@ from luna_jax import runtime
 
 if __name__ == "__main__":
   runtime.preload_tcmalloc()   # before JAX starts (luna_jax/runtime.py says why)
+  runtime.set_cpu_dispatch()   # before JAX's first computation (the same file says why)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -220,6 +220,7 @@ def jax_step(args: argparse.Namespace):
 
 
 def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
+  dispatch = runtime.set_cpu_dispatch()   # as train.py has it
   import jax
   import numpy as np
   grad_step, (params, x, p, keep) = jax_step(args)
@@ -243,7 +244,8 @@ def worker_jax(args: argparse.Namespace) -> dict[str, Any]:
   import flax
   import jaxlib
   res.update(setup_rss_mb=setup_rss, compiled_rss_mb=compiled_rss, peak_rss_mb=rss_mb(),
-             loss=box["loss"], compile_s=compile_s, **xla_mb, backend=jax.default_backend(),
+             loss=box["loss"], compile_s=compile_s, cpu_dispatch=dispatch, **xla_mb,
+             backend=jax.default_backend(),
              cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
              versions={"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                        "flax": flax.__version__, "numpy": np.__version__},

@@ -30,6 +30,7 @@ from typing import Any
 from luna_jax import runtime
 
 runtime.preload_tcmalloc()
+runtime.set_cpu_dispatch()     # as train.py has them
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -178,5 +178,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  runtime.preload_tcmalloc()       # as train.py's step has it
+  runtime.preload_tcmalloc()       # as train.py's step has them
+  runtime.set_cpu_dispatch()
   main()

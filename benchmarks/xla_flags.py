@@ -23,9 +23,12 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# (label, XLA_FLAGS additions). The empty-valued fusion types switch those fusions off.
+# (label, XLA_FLAGS additions[, environment]). The empty-valued fusion types switch those
+# fusions off. Every worker runs CPU computations inline, as train.py does
+# (luna_jax/runtime.py::set_cpu_dispatch), unless a variant's environment says otherwise.
 VARIANTS = (
     ("default", ""),
+    ("async CPU dispatch", "", {"LUNA_JAX_CPU_DISPATCH": "async"}),
     ("xnnpack off", "--xla_cpu_use_xnnpack=false"),
     ("ynn fusions off", "--xla_cpu_experimental_ynn_fusion_type="),
     ("xnn fusions off", "--xla_cpu_experimental_xnn_fusion_type="),
@@ -66,7 +69,11 @@ def synthetic_setup(args: argparse.Namespace):
 def worker(args: argparse.Namespace) -> None:
   """Runs in the subprocess: prints one JSON line."""
   import functools
+  import resource
   import time
+
+  from luna_jax import runtime
+  dispatch = runtime.set_cpu_dispatch()   # as train.py has it
 
   import jax
   import numpy as np
@@ -94,8 +101,9 @@ def worker(args: argparse.Namespace) -> None:
     if i >= args.warmup:
       wall.append(time.perf_counter() - t0)
       cpu.append(time.process_time() - c0)
-  print(json.dumps({"first_s": first, "wall_s": wall, "cpu_s": cpu,
-                    "devices": len(devices)}), flush=True)
+  peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps({"first_s": first, "wall_s": wall, "cpu_s": cpu, "devices": len(devices),
+                    "peak_rss_mb": peak_rss_mb, "cpu_dispatch": dispatch}), flush=True)
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,13 +136,14 @@ def main(argv: list[str] | None = None) -> None:
             if not args.variants or v[0] in args.variants.split(",")]
   passthrough = [f"--{k}={getattr(args, k)}" for k in
                  ("config", "vocab", "classes", "min_len", "max_len", "warmup", "repeats")]
-  results = {label: [] for label, _ in chosen}
+  results = {v[0]: [] for v in chosen}
   errors = {}
   load_before = os.getloadavg()[0]
   for _ in range(args.rounds):
-    for label, flags in chosen:
+    for label, flags, *extra_env in chosen:
       env = dict(os.environ, XLA_FLAGS=" ".join(
-          f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f), JAX_PLATFORMS="cpu")
+          f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f), JAX_PLATFORMS="cpu",
+                 **(extra_env[0] if extra_env else {}))
       proc = subprocess.run([sys.executable, __file__, "--worker", *passthrough], cwd=REPO, env=env, capture_output=True, text=True)
       lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
       if proc.returncode or not lines:
@@ -148,15 +157,19 @@ def main(argv: list[str] | None = None) -> None:
             flush=True)
 
   rows = []
-  for label, flags in chosen:
+  for label, flags, *extra_env in chosen:
     runs = results[label]
+    flags = " ".join([*(f"{k}={v}" for k, v in (extra_env[0] if extra_env else {}).items()),
+                      *([flags] if flags else [])])
     if not runs:
       rows.append({"variant": label, "flags": flags, "error": errors.get(label, "")})
       continue
     wall = statistics.median(statistics.median(r["wall_s"]) for r in runs)
     cpu = statistics.median(statistics.median(r["cpu_s"]) for r in runs)
     rows.append({"variant": label, "flags": flags, "wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3,
-                 "first_s": statistics.median(r["first_s"] for r in runs), "runs": runs})
+                 "first_s": statistics.median(r["first_s"] for r in runs),
+                 "peak_rss_mb": max(r.get("peak_rss_mb", float("nan")) for r in runs),
+                 "runs": runs})
   base = next((r["wall_ms"] for r in rows if r["variant"] == "default" and "wall_ms" in r), None)
   import jax  # for the version only (the parent runs nothing on it)
   out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -168,15 +181,16 @@ def main(argv: list[str] | None = None) -> None:
            f"{out['malloc']}; synthetic batch, real lengths {args.min_len}-{args.max_len}; "
            f"median of {args.repeats} steps after {args.warmup} warmup, median over "
            f"{args.rounds} round(s); load {load_before:.2f} -> {out['load_after']:.2f}.", "",
-           "| variant | XLA_FLAGS | step ms | vs default | process CPU ms | compile + first s |",
-           "|---|---|---|---|---|---|"]
+           "| variant | environment / XLA_FLAGS | step ms | vs default | process CPU ms "
+           "| compile + first s | peak RSS MB |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['variant']} | `{r['flags']}` | rejected: {r['error']} | | | |")
+      lines.append(f"| {r['variant']} | `{r['flags']}` | rejected: {r['error']} | | | | |")
     else:
       rel = f"{base / r['wall_ms']:.2f}x" if base else ""
       lines.append(f"| {r['variant']} | `{r['flags'] or '-'}` | {r['wall_ms']:.0f} | {rel} | "
-                   f"{r['cpu_ms']:.0f} | {r['first_s']:.1f} |")
+                   f"{r['cpu_ms']:.0f} | {r['first_s']:.1f} | {r['peak_rss_mb']:.0f} |")
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out_json:

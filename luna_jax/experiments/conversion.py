@@ -189,4 +189,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
   from luna_jax import runtime  # pylint: disable=g-import-not-at-top
   runtime.preload_tcmalloc()
+  runtime.set_cpu_dispatch()
   sys.exit(main())

@@ -56,3 +56,23 @@ def test_cpu_model_reads_proc_cpuinfo_and_falls_back(monkeypatch):
 
   monkeypatch.setattr(builtins, "open", no_proc)
   assert runtime.cpu_model() == (platform.processor() or platform.machine())
+
+
+DISPATCH_CHILD = ("from luna_jax import runtime; mode = runtime.set_cpu_dispatch(); "
+                  "import jax, jax.numpy as jnp; jnp.ones(3).sum().block_until_ready(); "
+                  "print(mode, jax.config.values['jax_cpu_enable_async_dispatch'])")
+
+
+@pytest.mark.parametrize("env, expected", [({}, ["sync", "False"]),
+                                           ({"LUNA_JAX_CPU_DISPATCH": "async"}, ["async", "True"])])
+def test_cpu_dispatch_is_inline_unless_asked(env, expected):
+  base = {k: v for k, v in os.environ.items() if k != runtime.DISPATCH_ENV}
+  out = subprocess.run([sys.executable, "-c", DISPATCH_CHILD], capture_output=True, text=True,
+                       env={**base, **env}, check=True, timeout=120)
+  assert out.stdout.split() == expected
+
+
+def test_cpu_dispatch_rejects_an_unknown_mode(monkeypatch):
+  monkeypatch.setenv(runtime.DISPATCH_ENV, "later")
+  with pytest.raises(ValueError, match="LUNA_JAX_CPU_DISPATCH='later'"):
+    runtime.set_cpu_dispatch()
