@@ -67,6 +67,12 @@ def set_cpu_dispatch() -> str:
   return mode
 
 
+def cpu_dispatch() -> str:
+  """"sync" or "async": how this process's JAX dispatches CPU computations."""
+  import jax
+  return "async" if jax.config.values["jax_cpu_enable_async_dispatch"] else "sync"
+
+
 def cpu_model() -> str:
   """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
   try:

@@ -311,7 +311,8 @@ def machine_description() -> dict[str, Any]:
   return {"device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
           "num_processes": jax.process_count(), "cpu": runtime.cpu_model(),
           "cpu_count": os.cpu_count(),
-          "jax": jax.__version__, "malloc": runtime.allocator()}
+          "jax": jax.__version__, "malloc": runtime.allocator(),
+          "cpu_dispatch": runtime.cpu_dispatch()}
 
 
 def _peak_memory_bytes() -> int | None:

@@ -1,6 +1,7 @@
 """train.py as a user meets it: help, one-line errors, a quiet console, reruns."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -59,6 +60,9 @@ def test_console_is_quiet_reruns_say_finished_and_mismatches_are_one_line(tmp_pa
   last = r.stdout.splitlines()[-1]
   for name in (wd.RESULTS_FILE, wd.METRICS_FILE, f"tensorboard --logdir {workdir / wd.TB_DIR}"):
     assert name in last
+  # train.py runs CPU computations inline (luna_jax/runtime.py) and the run folder says so.
+  machine = json.loads((workdir / wd.RESULTS_FILE).read_text())["machine"]
+  assert machine["cpu_dispatch"] == "sync", machine
 
   again = subprocess.run(_cmd(workdir, 2, 2), cwd=REPO, env=_env(8, cache),
                          capture_output=True, text=True, timeout=600)

@@ -60,11 +60,12 @@ def test_cpu_model_reads_proc_cpuinfo_and_falls_back(monkeypatch):
 
 DISPATCH_CHILD = ("from luna_jax import runtime; mode = runtime.set_cpu_dispatch(); "
                   "import jax, jax.numpy as jnp; jnp.ones(3).sum().block_until_ready(); "
-                  "print(mode, jax.config.values['jax_cpu_enable_async_dispatch'])")
+                  "print(mode, jax.config.values['jax_cpu_enable_async_dispatch'], runtime.cpu_dispatch())")
 
 
-@pytest.mark.parametrize("env, expected", [({}, ["sync", "False"]),
-                                           ({"LUNA_JAX_CPU_DISPATCH": "async"}, ["async", "True"])])
+@pytest.mark.parametrize("env, expected", [({}, ["sync", "False", "sync"]),
+                                           ({"LUNA_JAX_CPU_DISPATCH": "async"},
+                                            ["async", "True", "async"])])
 def test_cpu_dispatch_is_inline_unless_asked(env, expected):
   base = {k: v for k, v in os.environ.items() if k != runtime.DISPATCH_ENV}
   out = subprocess.run([sys.executable, "-c", DISPATCH_CHILD], capture_output=True, text=True,
