@@ -22,7 +22,10 @@ from luna_jax import runtime
 
 if __name__ == "__main__":
   runtime.preload_tcmalloc()   # before JAX starts (luna_jax/runtime.py says why)
-  runtime.set_cpu_dispatch()   # before JAX's first computation (the same file says why)
+  try:
+    runtime.set_cpu_dispatch()   # before JAX's first computation (the same file says why)
+  except ValueError as e:
+    sys.exit(f"train.py: {e}")
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -32,6 +32,14 @@ def test_help_exits_0_and_lists_the_config_fields():
   assert "  num_train_steps = 800" in r.stdout
 
 
+def test_a_bad_dispatch_setting_is_one_line_naming_the_variable():
+  r = train_py("--config=configs/listops.py:quick", "--workdir=unused",
+               env={**os.environ, "LUNA_JAX_CPU_DISPATCH": "fast"})
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  assert r.stderr.strip() == ("train.py: LUNA_JAX_CPU_DISPATCH='fast': expected 'sync' or "
+                              "'async'")
+
+
 @pytest.mark.parametrize("flag,names", [
     ("--config.model.emb_dmi=3", ["config.model.emb_dim"]),
     ("--config.lerning_rate=0.1", ["config.learning_rate"]),
