@@ -1,17 +1,18 @@
 """Defaults shared by the task configs and the small argument language of `get_config(arg)`.
 
 `arg` is a comma-separated list: bare words select variants (an attention name such as `luna`
-or `softmax`; `small`, the small-model protocol; `quick`, a CPU-minutes run); `key=value` items
-set fields (`l=256` is short for `model.proj_len=256`). Example: `get_config("luna,l=16,small")`.
+or `softmax`; a protocol word, `small` or `skyformer`; `quick`, a CPU-minutes run); `key=value`
+items set fields (`l=256` is short for `model.proj_len=256`). Example:
+`get_config("luna,l=16,small")`.
 
 Protocols (recorded in `config.protocol` and in results.json):
-* `luna_paper`: `luna` without `small`: the Luna paper's recipe per task.
-* `lra_reference`: every other mechanism without `small`: the LRA reference Transformer recipe.
-* `small`: the small-model protocol of the Nystromformer LRA code (also used by Skyformer and
-  LUNA): pre-LN, 2 layers, width 64, FFN 128, 2 heads, learned positions, mean pooling, AdamW
-  (0.9, 0.999, eps 1e-6, no decay), torch OneCycleLR linear schedule. Every mechanism runs at the
-  same sizes; Luna keeps its own layer (post-LN, P updated per layer) and adds its P and pack
-  projections.
+* `luna_paper`: `luna` without a protocol word: the Luna paper's recipe per task.
+* `lra_reference`: every other mechanism without one: the LRA reference Transformer recipe.
+* `small`: the Nystromformer LRA code as it ran (`small_protocol`), the protocol of the
+  Nystromformer paper's LRA table. Every mechanism runs at the same sizes; Luna keeps its own
+  layer (post-LN, P updated per layer) and adds its P and pack projections.
+* `skyformer`: the Skyformer code's settings of the same model (`small_protocol`), the protocol
+  of the Skyformer paper's table.
 * `quick`: a short run on small generated data; not comparable with any published number.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ml_collections
 from luna_jax.attention import ATTENTION_NAMES
 
 ATTENTIONS = ATTENTION_NAMES
-VARIANTS = ("small", "quick")
+VARIANTS = ("small", "skyformer", "quick")
 SHORTHANDS = {"l": "model.proj_len", "layers": "model.num_layers", "seed": "seed",
               "lr": "learning_rate", "steps": "num_train_steps", "bs": "batch_size"}
 
@@ -35,6 +36,9 @@ def parse_arg(arg: str | None) -> tuple[str, set[str], dict[str, str]]:
       kv[SHORTHANDS.get(k, k)] = v
     else:
       words.add(item)
+  protocols = sorted(words & {"small", "skyformer"})
+  if len(protocols) > 1:
+    raise ValueError(f"config argument {arg!r} names several protocols: {protocols}")
   attention = [w for w in words if w in ATTENTIONS]
   if len(attention) > 1:
     raise ValueError(f"config argument {arg!r} names several attentions: {attention}")
@@ -71,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ""
   c.data_dir = ""              # "" -> the task's built-in generated data (ListOps, Pathfinder)
   c.seq_len = 0                # full model input length, special tokens included
+  c.truncate_len = 0           # >0: keep at most this many symbols/bytes, then zeros to seq_len
+  c.black_is_padding = False   # pixel tasks: token 0 (black) is padding (lra_tasks.common)
   c.batch_size = 32            # global batch size (all devices of all hosts)
   c.num_train_steps = 5000
   c.warmup_steps = 1000
@@ -81,12 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.adam_b1 = 0.9
   c.adam_b2 = 0.98
   c.adam_eps = 1e-8
-  c.grad_clip = 0.0            # 0 = no clipping
+  c.grad_clip = 0.0            # >0: clip the gradient's global norm (0 = no clipping)
+  c.grad_clip_value = 0.0      # >0: clip each gradient entry to [-v, v] (torch clip_grad_value_)
   c.eval_every = 500
   c.eval_max_examples = 0      # 0 = the whole split
+  c.eval_stream = False        # True: each validation reads the next eval_max_examples of an
+                               # endless reshuffled stream (the small protocol's code)
+  c.test_drop_last = False     # True: the test split without its last partial batch
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
+  c.save_best_after = 0.0      # best/ is written only after this fraction of num_train_steps
+                               # (the best score is tracked from the start; Skyformer: 0.2)
   c.seed = 0
   c.grain_workers = 0          # >0 uses grain multiprocessing (needs absl flags: train.py)
   c.length_buckets = 0         # >1: batches from that many length buckets (padded tasks; exact,
@@ -139,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
                                               "gated": False})
   m.linear_elu = ml_collections.ConfigDict({"eps": 1e-6})
   m.performer = ml_collections.ConfigDict({"num_features": 256, "kernel": "softmax",
-                                           "redraw": True})
+                                           "redraw": True, "form": "favor"})
   m.learned_kernel = ml_collections.ConfigDict({
       "num_features": 32, "num_outputs": 4, "hidden": 64, "shared_mlp": True,
       "envelope": "none", "rms_rescale": False})
@@ -164,14 +176,60 @@ def mlp_dropout_as_block(c: ml_collections.ConfigDict) -> None:
   c.model.activation_dropout = c.model.dropout
 
 
-def small_protocol(c: ml_collections.ConfigDict, *, batch: int, steps: int, warmup: int,
-                   eval_every: int, eval_batches: int, max_len: int) -> None:
-  """The small-model protocol (module docstring); per-task values from its table.
+# Per task: batch, steps, warmup, evaluation cadence, peak lr, and the input as the code's
+# pickles held it: `content` symbols/bytes (0: the whole image) zero-padded to `padded`, with a
+# position table of `table` rows. Nystromformer: mlpen/Nystromformer LRA/code/lra_config.py and
+# LRA/datasets/*.py (Text: 1,000 bytes + 24 zeros; its table follows the config's 4,000).
+SMALL_TASKS = {
+    "listops": dict(batch=32, steps=5000, warmup=1000, eval_every=50, eval_batches=62,
+                    lr=1e-4, content=2000, padded=2048, table=2048),
+    "text": dict(batch=32, steps=20000, warmup=8000, eval_every=500, eval_batches=781,
+                 lr=1e-4, content=1000, padded=1024, table=4096),
+    "retrieval": dict(batch=32, steps=30000, warmup=800, eval_every=300, eval_batches=565,
+                      lr=1e-4, content=4000, padded=4096, table=4096),
+    "image": dict(batch=256, steps=35000, warmup=175, eval_every=175, eval_batches=20,
+                  lr=1e-4, content=0, padded=1024, table=1024),
+    "pathfinder": dict(batch=256, steps=62400, warmup=312, eval_every=312, eval_batches=312,
+                       lr=1e-4, content=0, padded=1024, table=1024),
+}
+# Skyformer: pkuzengqi/Skyformer src/config.py and src/preprocess/create_*.py (Text batch 16 as
+# in its camera-ready commit 6ffd607 and paper, which the published rows ran; 32 at HEAD).
+SKYFORMER_TASKS = {
+    "listops": dict(batch=32, steps=50000, warmup=1000, eval_every=500, eval_batches=62,
+                    lr=1e-4, content=2000, padded=2048, table=2048),
+    "text": dict(batch=16, steps=50000, warmup=80, eval_every=500, eval_batches=200,
+                 lr=1e-4, content=4000, padded=4096, table=4096),
+    "retrieval": dict(batch=16, steps=50000, warmup=800, eval_every=1000, eval_batches=300,
+                      lr=2e-4, content=4000, padded=4096, table=4096),
+    "image": dict(batch=256, steps=50000, warmup=175, eval_every=50, eval_batches=20,
+                  lr=1e-4, content=0, padded=1024, table=1024),
+    "pathfinder": dict(batch=128, steps=50000, warmup=312, eval_every=500, eval_batches=156,
+                       lr=2e-4, content=0, padded=1024, table=1024),
+}
+PROTOCOL_TASKS = {"small": SMALL_TASKS, "skyformer": SKYFORMER_TASKS}
 
-  Evaluation: `eval_batches` batches of the validation split every `eval_every` steps (the
-  first eval_batches * batch examples, in order); the test split is evaluated whole."""
+
+def small_protocol(c: ml_collections.ConfigDict, protocol: str = "small") -> None:
+  """The small-model protocol of the Nystromformer LRA code as it ran (`small`), or the
+  Skyformer code's settings of the same model (`skyformer`); per-task values from
+  `PROTOCOL_TASKS`, model and data handling as shared/reference/recipes-and-results.md lists.
+
+  Both: pre-LN, 2 layers, width 64, FFN 128, 2 heads, learned positions, N(0, 0.02) embeddings,
+  biases on q/k/v/out, dropout 0.1 everywhere, mean readout dividing by the padded length;
+  AdamW (0.9, 0.999, eps 1e-6, no decay) with torch's OneCycleLR; evaluation on the next
+  `eval_batches` batches of an endless reshuffled validation stream, the test split on the best
+  checkpoint without its last partial batch; ListOps bracket-free (`listops.tokens`); black
+  pixels as padding in Image and Pathfinder; Performer as performer-pytorch ran there
+  (`form="nystromformer_lra"`, features drawn once). The original trained in fp16 with an fp32
+  attention core: we keep `model.dtype` float32 (recorded in results.json); bfloat16 on a GPU is
+  the closest choice. Embedding tables have fewer unused rows than theirs (vocabulary 32 or
+  512 there), so `num_params` is smaller by those rows only.
+  Skyformer adds: 50,000 steps, gradient value clipping at 1, the best checkpoint saved only
+  after 20% of training, Performer with 128 features, Text at 4,000 bytes.
+  Luna keeps its own layer (post-LN, P per layer) at the same sizes, l=16."""
+  t = PROTOCOL_TASKS[protocol][c.task]
   m = c.model
-  c.protocol = "small"
+  c.protocol = protocol
   m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads = 2, 64, 128, 2
   m.qkv_dim = 0
   m.num_pack_heads, m.tie_layer_weights, m.tie_kv = 0, False, False
@@ -179,17 +237,27 @@ def small_protocol(c: ml_collections.ConfigDict, *, batch: int, steps: int, warm
   m.dropout = m.attention_dropout = m.activation_dropout = 0.1
   m.positions, m.readout, m.init = "learned", "mean_padded", "torch"
   m.embedding = "tokens"
-  m.max_len = max_len
   m.qkv_bias = True
   m.block = "post_ln" if m.attention == "luna" else "pre_ln"   # Luna keeps its own layer
   m.retrieval_combine = "interact"
-  m.performer.kernel = "relu"      # the protocol's performer-256 config names the relu kernel
-  c.batch_size, c.num_train_steps, c.warmup_steps = batch, steps, warmup
-  c.learning_rate, c.weight_decay, c.grad_clip = 1e-4, 0.0, 0.0
+  m.proj_len = 16
+  m.performer.update(kernel="softmax", num_features=128 if protocol == "skyformer" else 256,
+                     redraw=False, form="nystromformer_lra")
+  c.seq_len, c.truncate_len, m.max_len = t["padded"], t["content"], t["table"]
+  if "append_eos" in c:
+    c.append_eos = False
+  if "listops" in c:
+    c.listops.tokens = "no_brackets"
+  c.black_is_padding = c.task in ("image", "pathfinder")
+  c.batch_size, c.num_train_steps, c.warmup_steps = t["batch"], t["steps"], t["warmup"]
+  c.learning_rate, c.weight_decay, c.grad_clip = t["lr"], 0.0, 0.0
   c.adam_b1, c.adam_b2, c.adam_eps = 0.9, 0.999, 1e-6
   c.schedule = "one_cycle"
-  c.eval_every, c.eval_max_examples = eval_every, eval_batches * batch
-  c.checkpoint_every = eval_every * max(1, 500 // eval_every)
+  c.eval_every, c.eval_max_examples = t["eval_every"], t["eval_batches"] * t["batch"]
+  c.eval_stream = c.test_drop_last = True
+  c.checkpoint_every = c.eval_every * max(1, 500 // c.eval_every)
+  if protocol == "skyformer":
+    c.grad_clip_value, c.save_best_after = 1.0, 0.2
 
 
 # Fields a protocol leaves free: changing them keeps the protocol name (each published table
@@ -211,7 +279,7 @@ def finish(c: ml_collections.ConfigDict, attention: str, words: set[str],
   """Sets the protocol name and applies the key=value overrides (last step of every config)."""
   if "quick" in words:
     c.protocol = "quick"
-  elif "small" not in words and attention == "luna":
+  elif not words & set(PROTOCOL_TASKS) and attention == "luna":
     c.protocol = "luna_paper"
   apply_overrides(c, kv)
   mark_overrides(c, kv)

@@ -39,11 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dropout, m.attention_dropout = 0.3, 0.2
     common.mlp_dropout_as_block(c)
     c.warmup_steps, c.learning_rate, c.weight_decay = 175, 5e-4, 0.0
-  if "small" in words:
-    common.small_protocol(c, batch=256, steps=35000, warmup=175, eval_every=175,
-                          eval_batches=20, max_len=1024)
-    c.seq_len = 1024
-    m.proj_len = 16
+  for protocol in words & set(common.PROTOCOL_TASKS):   # black pixels are padding there
+    common.small_protocol(c, protocol)
   if "quick" in words:
     c.batch_size = 32
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100

@@ -11,7 +11,8 @@ Official data (lra_release/pathfinder32):
       --config.data_dir=/data/lra_release/pathfinder32
   python train.py --config=configs/pathfinder.py:softmax --workdir=runs/pathfinder_softmax \
       --config.data_dir=/data/lra_release/pathfinder32
-Small-model protocol (configs/common.py):
+Small-model protocol (configs/common.py; black pixels are padding, as that code had them;
+`skyformer` for the Skyformer protocol):
   python train.py --config=configs/pathfinder.py:softmax,small --workdir=runs/pathfinder_small \
       --config.data_dir=/data/lra_release/pathfinder32
 Other difficulties: --config.pathfinder.difficulty=curv_contour_length_9 (or curv_baseline).
@@ -51,13 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.mlp_dropout_as_block(c)
     c.num_train_steps, c.warmup_steps = 62400, 312
     c.learning_rate, c.weight_decay = 1e-3, 0.0
-  if "small" in words:
-    common.small_protocol(c, batch=256, steps=62400, warmup=312, eval_every=312,
-                          eval_batches=312, max_len=1024)
-    m.proj_len = 16
+  for protocol in words & set(common.PROTOCOL_TASKS):   # black pixels are padding there
+    common.small_protocol(c, protocol)
   if "quick" in words:
     # 16x16 images of the easy 3-paddle setting (lra_tasks/pathfinder_generator.py), 4x4 patches.
     c.pathfinder.update(resolution=16, difficulty="curv_contour_length_3", num_images=20_000)
+    c.black_is_padding = False           # patches see every pixel
     c.seq_len = 256
     c.batch_size = 32
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 4000, 200, 1000, 1000

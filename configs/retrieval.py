@@ -5,7 +5,8 @@ Needs lra_release/tsv_data/new_aan_pairs.{train,eval,test}.tsv (README, "Officia
       --config.data_dir=/data/lra_release/tsv_data
   python train.py --config=configs/retrieval.py:softmax --workdir=runs/retrieval_softmax \
       --config.data_dir=/data/lra_release/tsv_data
-Small-model protocol (4,000 bytes per document, [u, v, u*v, u-v]; configs/common.py):
+Small-model and Skyformer protocols (4,000 bytes + 96 zeros per document, [u, v, u*v, u-v];
+configs/common.py):
   python train.py --config=configs/retrieval.py:softmax,small --workdir=runs/retrieval_small \
       --config.data_dir=/data/lra_release/tsv_data
 Luna combines the two documents as [v, u] (paper era); the LRA baselines read each document's
@@ -43,13 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seq_len, c.append_eos = 4000, False
     c.num_train_steps, c.warmup_steps = 5000, 8000   # as published (warmup > steps)
     c.learning_rate, c.weight_decay = 0.05, 0.1
-  if "small" in words:
-    common.small_protocol(c, batch=32, steps=30000, warmup=800, eval_every=300,
-                          eval_batches=565, max_len=4096)
-    c.seq_len, c.append_eos = 4000, False
-    m.proj_len = 16
+  for protocol in words & set(common.PROTOCOL_TASKS):   # 4,000 bytes + 96 zeros per document
+    common.small_protocol(c, protocol)
   if "quick" in words:
-    c.seq_len = 256
+    c.seq_len, c.truncate_len = 256, 0
     m.max_len = 0
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
     c.eval_max_examples = 1000

@@ -5,8 +5,11 @@ Needs the TFDS `imdb_reviews` dataset prepared as array_record (README, "Officia
       --config.data_dir=/data/tfds
   python train.py --config=configs/text.py:softmax --workdir=runs/text_softmax \
       --config.data_dir=/data/tfds
-Small-model protocol (4,000 bytes, no CLS or EOS, mean readout; configs/common.py):
+Small-model protocol (1,000 bytes + 24 zeros, no CLS or EOS, mean readout; configs/common.py)
+and the Skyformer protocol (4,000 bytes + 96 zeros, batch 16):
   python train.py --config=configs/text.py:softmax,small --workdir=runs/text_small_softmax \
+      --config.data_dir=/data/tfds
+  python train.py --config=configs/text.py:softmax,skyformer --workdir=runs/text_sky_softmax \
       --config.data_dir=/data/tfds
 Quick (short reviews, small model, CPU minutes):
   python train.py --config=configs/text.py:quick --workdir=runs/text_quick \
@@ -40,13 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.dropout = m.attention_dropout = 0.1
     common.mlp_dropout_as_block(c)
     c.learning_rate, c.weight_decay = 0.05, 0.1
-  if "small" in words:
-    common.small_protocol(c, batch=32, steps=20000, warmup=8000, eval_every=500,
-                          eval_batches=781, max_len=4096)
-    c.seq_len, c.append_eos = 4000, False
-    m.proj_len = 16
+  for protocol in words & set(common.PROTOCOL_TASKS):   # small: 1,000 bytes + 24 zeros
+    common.small_protocol(c, protocol)
   if "quick" in words:
-    c.seq_len = 256
+    c.seq_len, c.truncate_len = 256, 0
     m.max_len = 0
     c.num_train_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 300, 50, 100, 100
     c.eval_max_examples = 1000

@@ -20,19 +20,22 @@ def vocab_size(*, cls: bool, eos: bool) -> int:
   return EOS_ID + 1 if (cls or eos) else 256 + BYTE_OFFSET
 
 
-def max_bytes(seq_len: int, *, cls: bool, eos: bool) -> int:
-  """How many bytes of a document fit in `seq_len` next to the special tokens."""
+def max_bytes(seq_len: int, *, cls: bool, eos: bool, limit: int = 0) -> int:
+  """How many bytes of a document fit in `seq_len` next to the special tokens, at most `limit`
+  (0: no limit; `lra_tasks.common.truncate_len`)."""
   n = seq_len - int(cls) - int(eos)
   if n < 1:
     raise ValueError(f"seq_len={seq_len} leaves no room for bytes next to "
                      f"{int(cls) + int(eos)} special token(s).")
-  return n
+  return min(n, limit) if limit > 0 else n
 
 
-def encode(data: bytes | np.ndarray, seq_len: int, *, cls: bool, eos: bool) -> np.ndarray:
-  """Returns int32[seq_len] token ids of `data` (bytes or uint8 array), truncated and padded."""
+def encode(data: bytes | np.ndarray, seq_len: int, *, cls: bool, eos: bool, limit: int = 0
+           ) -> np.ndarray:
+  """Returns int32[seq_len] token ids of `data` (bytes or uint8 array): at most `limit` bytes
+  (0: all that fit), then zeros."""
   raw = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-  raw = raw[:max_bytes(seq_len, cls=cls, eos=eos)]
+  raw = raw[:max_bytes(seq_len, cls=cls, eos=eos, limit=limit)]
   out = np.zeros((seq_len,), np.int32)
   start = int(cls)
   if cls:

@@ -8,8 +8,9 @@ records are dicts of numpy arrays:
   {"inputs": int32[2, seq_len], "targets": int32[]}          # Retrieval (two documents)
 
 `seq_len` is the full length the model sees (special tokens such as CLS included), already
-truncated and padded with `pad_id`. Tasks without padding (Image, Pathfinder) set pad_id=None:
-every position is a real token, so no pixel value is ever treated as padding.
+truncated and padded with `pad_id`. Pixel tasks (Image, Pathfinder) set pad_id=None: every
+position is a real token; with `config.black_is_padding` they set pad_id=0 (`pixel_pad_id`), and
+black pixels are masked as padding wherever they are, as the small protocol's code did.
 
 Nothing is dropped or changed silently. Every split must hold at least one example
 (`check_splits`, which the trainer calls; `TaskData.sources` says where each split came from);
@@ -68,6 +69,25 @@ def uses_cls(config: Any) -> bool:
   (`config.model.readout == "cls"`); every other readout sees the bare sequence."""
   model = config.get("model") or {}
   return model.get("readout", "cls") == "cls"
+
+
+def truncate_len(config: Any) -> int:
+  """`config.truncate_len`: at most this many symbols (bytes) of each sequence or document are
+  kept before the zero padding to `seq_len` (0: as many as fit). A pipeline that cut its data at
+  one length and padded it to a longer one (the small protocol's ListOps: 2,000 symbols + 48
+  zeros) is reproduced exactly: the model sees the same padded length, the mean readout divides
+  by it."""
+  n = int(config.get("truncate_len", 0) or 0)
+  if n < 0:
+    raise DataError(f"config.truncate_len={n} must be >= 0 (0: keep what fits in seq_len)")
+  return n
+
+
+def pixel_pad_id(config: Any) -> int | None:
+  """The pad id of a pixel task: None (every pixel is a token), or 0 with
+  `config.black_is_padding` (the Nystromformer LRA code's `dataset.py` masks token value 0, so
+  black pixels are masked as keys and left out of the mean readout; the small protocol)."""
+  return 0 if config.get("black_is_padding", False) else None
 
 
 def default_cache_dir() -> str:

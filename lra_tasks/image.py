@@ -6,14 +6,15 @@ L = (19595 R + 38470 G + 7471 B + 2**15) >> 16, i.e. 0.299 R + 0.587 G + 0.114 B
 nearest, then flattened row-major to 1024 tokens with values 0..255. With
 `config.model.readout == "cls"` (the default here, as in Luna) CLS id 256 is prepended, so
 `seq_len` is 1025 and the vocabulary 257; otherwise `seq_len` is 1024 and the vocabulary 256.
-There is no padding (pad_id None): black pixels (0) are ordinary tokens.
+There is no padding (pad_id None): black pixels (0) are ordinary tokens, unless
+`config.black_is_padding` (`common.pixel_pad_id`: pad_id 0, the small protocol).
 
 Splits follow LRA: train = TFDS `train[:90%]` (45,000), validation = `train[90%:]` (5,000),
 test = TFDS `test` (10,000), using TFDS split slicing.
 
 Config fields: `data_dir` (the TFDS data dir holding `cifar10/<version>/`, or that version
 folder itself; empty means $TFDS_DATA_DIR or ~/tensorflow_datasets), `seq_len`,
-`model.readout`. The `image` feature may be a TFDS `Image` (decoded with PIL, as in the real
+`model.readout`, `black_is_padding`. The `image` feature may be a TFDS `Image` (decoded with PIL, as in the real
 build) or a uint8 `Tensor` of shape [H, W, 3] or [H, W, 1].
 
 Building the data (once, on any machine with TensorFlow; training hosts need no TF):
@@ -36,7 +37,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lra_tasks.common import DataError, TaskData, uses_cls
+from lra_tasks.common import DataError, TaskData, pixel_pad_id, uses_cls
 from lra_tasks.text import open_tfds_build, tfds_provenance
 
 TFDS_NAME = "cifar10"
@@ -87,5 +88,5 @@ def load(config: Any) -> TaskData:
   splits = {name: grain.MapDataset.source(builder.as_data_source(split=tfds_split)).map(tokenize)
             for name, tfds_split in SPLITS.items()}
   return TaskData(name="image", splits=splits, vocab_size=CLS_ID + int(cls),
-                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=None,
+                  num_classes=NUM_CLASSES, seq_len=seq_len, pad_id=pixel_pad_id(config),
                   provenance=tfds_provenance(builder))

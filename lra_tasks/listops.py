@@ -6,6 +6,10 @@ and serialization and caches its output under `default_cache_dir()/listops/<sett
 
   python -m lra_tasks.listops_generator --out DIR [--num_train N ...]
 
+`config.listops.tokens` picks which symbols reach the model, as each published pipeline fed
+them (`TOKEN_SETS`: "brackets", "no_brackets", "fairseq"); the token set is recorded in the
+provenance, so runs of different token sets are never compared or resumed into each other.
+
 The generator imports this module (vocabulary, file layout); this module imports the generator
 only inside `_settings` and `load`, so there is no import cycle. Provenance (results.json):
 a folder holding the generator's marker `common.GENERATED_MARKER` (and the cache the loader
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import grain
 import numpy as np
 
-from lra_tasks.common import DataError, TaskData, data_provenance, uses_cls
+from lra_tasks.common import DataError, TaskData, data_provenance, truncate_len, uses_cls
 
 if TYPE_CHECKING:
   from lra_tasks.listops_generator import GeneratorSettings
@@ -55,9 +59,39 @@ _DOWNLOAD_HELP = (
 # ------------------------------------------------------------------------------ tokens
 
 
-def _split_tokens(source: str) -> list[str]:
-  """Whitespace tokens of a source with parentheses dropped."""
-  return source.replace("(", " ").replace(")", " ").split()
+# What of a source reaches the model, one value per pipeline that published rows used
+# (`config.listops.tokens`). Ids are always this module's (the pipelines' own ids are labels of
+# the same symbols: set order in LRA's encoder, frequency order in fairseq's dictionary):
+# * "brackets": the LRA pipeline after its fix of 2021-03-04 (google-research/long-range-arena
+#   c209b2a): operators `[MAX`... and `]` kept, parentheses dropped; 15 symbols, no EOS.
+# * "no_brackets": the LRA pipeline before that fix, whose tfds `Tokenizer()` keeps alphanumeric
+#   runs only: `[MAX` reads as MAX, and `]`, `(`, `)` vanish; 14 symbols, no EOS. The
+#   Nystromformer and Skyformer code dumped these sequences (2,000 ids + 48 zeros) and trained on
+#   them; MAX gets `[MAX`'s id here.
+# * "fairseq": Luna's fairseq-apollo `long_range_arena` task: the whitespace tokens of its source
+#   files, CLS first, EOS appended by fairseq-preprocess, cut to the first max_positions (2001)
+#   tokens. Which files the Luna runs preprocessed is not published; we take the release's
+#   symbols with parentheses dropped (the `brackets` symbols), because max_positions 2001 is
+#   exactly CLS + the longest such source (1,999 symbols; the generator keeps 500 < L < 2000)
+#   + EOS, while the raw text with parentheses is ~3L tokens and would lose most rows' ends.
+#   That choice is ours, from this arithmetic, not from their code.
+TOKEN_SETS = ("brackets", "no_brackets", "fairseq")
+EOS_ID = VOCAB_SIZE          # "fairseq" only: one id after the fixed vocabulary
+
+
+def _split_tokens(source: str, tokens: str = "brackets") -> list[str]:
+  """The symbols of a source that the token set `tokens` keeps (vocabulary spellings)."""
+  symbols = source.replace("(", " ").replace(")", " ").split()
+  if tokens == "no_brackets":
+    return [t for t in symbols if t != END]
+  return symbols
+
+
+def check_token_set(tokens: str) -> str:
+  """`tokens` if it names a token set, else DataError naming config.listops.tokens."""
+  if tokens not in TOKEN_SETS:
+    raise DataError(f"config.listops.tokens={tokens!r}; expected one of {TOKEN_SETS}")
+  return tokens
 
 
 def _unknown_token(tokens: Sequence[str]) -> str:
@@ -65,11 +99,29 @@ def _unknown_token(tokens: Sequence[str]) -> str:
   return next(t for t in tokens if t not in _TOKEN_IDS)
 
 
-def tokenize(source: str, seq_len: int) -> np.ndarray:
-  """Token ids of a source: CLS first, truncated to `seq_len` and padded with PAD_ID."""
-  tokens = _split_tokens(source)
+def vocab_size(tokens: str) -> int:
+  """Embedding rows of the token set `tokens`: the fixed vocabulary, plus EOS for "fairseq"."""
+  return VOCAB_SIZE + (check_token_set(tokens) == "fairseq")
+
+
+def append_eos(ids_NxS: np.ndarray, start: int = 1) -> np.ndarray:
+  """Rows of ids with EOS written after their last symbol where it fits (in place; `start`: the
+  first symbol's column, 1 after CLS). A row already full keeps no EOS (fairseq's truncation
+  cuts it)."""
+  ends_N = start + np.count_nonzero(ids_NxS[:, start:], axis=1)
+  fits = np.flatnonzero(ends_N < ids_NxS.shape[1])
+  ids_NxS[fits, ends_N[fits]] = EOS_ID
+  return ids_NxS
+
+
+def tokenize(source: str, seq_len: int, tokens: str = "brackets") -> np.ndarray:
+  """Token ids of a source under the token set `tokens`: CLS first, then the kept symbols (and
+  EOS for "fairseq"), truncated to `seq_len` and padded with PAD_ID."""
+  token_set = check_token_set(tokens)
+  tokens = _split_tokens(source, token_set)
   try:
-    return _encode(tokens, seq_len, np.int32)
+    ids = _encode(tokens, seq_len, np.int32)
+    return append_eos(ids[None])[0] if token_set == "fairseq" else ids
   except KeyError:
     raise DataError(f"unknown ListOps token {_unknown_token(tokens)!r} in {source[:80]!r}; "
                     f"expected one of {' '.join(_TOKEN_IDS)} and parentheses") from None
@@ -156,7 +208,7 @@ _OPS_PACKED = np.array([int.from_bytes(op.encode(), "little") for op in OPERATOR
 _SM_PACKED = int.from_bytes(b"[SM", "little")
 
 
-def _parse_line(line: bytes, where: str, seq_len: int, dtype: Any
+def _parse_line(line: bytes, where: str, seq_len: int, dtype: Any, token_set: str = "brackets"
                 ) -> tuple[np.ndarray, int] | None:
   """One data row: (ids, target), or None for a blank line; DataError names `where`."""
   try:
@@ -172,7 +224,7 @@ def _parse_line(line: bytes, where: str, seq_len: int, dtype: Any
   target = cols[1].strip()
   if target not in DIGITS:
     raise DataError(f"{where}: expected a Target integer 0..9, got {target[:20]!r}")
-  tokens = _split_tokens(cols[0])
+  tokens = _split_tokens(cols[0], token_set)
   try:
     return _encode(tokens, seq_len, dtype), int(target)
   except KeyError:
@@ -180,8 +232,8 @@ def _parse_line(line: bytes, where: str, seq_len: int, dtype: Any
                     f"{' '.join(_TOKEN_IDS)} and parentheses") from None
 
 
-def _parse_chunk_fast(data: bytes, seq_len: int, dtype: Any
-                      ) -> tuple[np.ndarray, np.ndarray] | None:
+def _parse_chunk_fast(data: bytes, seq_len: int, dtype: Any, token_set: str = "brackets"
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
   """Rows of whole lines (`data` ends with a newline), or None unless all are plain and valid.
 
   Gives the same rows as _parse_line for lines of known tokens separated by spaces and
@@ -208,7 +260,8 @@ def _parse_chunk_fast(data: bytes, seq_len: int, dtype: Any
   is_token = np.frombuffer(data.translate(_IS_SHORT_TOKEN), np.bool_)
   if np.any(is_token[1:] & is_token[:-1]):
     return None  # Tokens not separated by a space (e.g. "[MIN[MAX" or "2)9").
-  data = data.translate(None, b" ")  # Now one byte per token.
+  # Now one byte per kept token.
+  data = data.translate(None, b" ]" if token_set == "no_brackets" else b" ")
   buf = np.frombuffer(data, np.uint8)
   newlines = np.flatnonzero(buf == ord("\n"))
   tabs = np.flatnonzero(buf == ord("\t"))
@@ -236,19 +289,21 @@ def _parse_chunk_fast(data: bytes, seq_len: int, dtype: Any
   return rows, targets, tabs - line_starts
 
 
-def _num_symbols(line: bytes) -> int:
-  """Symbols of the Source column of a line that _parse_line accepted."""
-  return len(_split_tokens(line.decode("utf-8").split("\t")[0]))
+def _num_symbols(line: bytes, token_set: str = "brackets") -> int:
+  """Kept symbols of the Source column of a line that _parse_line accepted."""
+  return len(_split_tokens(line.decode("utf-8").split("\t")[0], token_set))
 
 
-def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation: bool = True
-             ) -> tuple[np.ndarray, np.ndarray]:
+def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation: bool = True,
+             tokens: str = "brackets") -> tuple[np.ndarray, np.ndarray]:
   """Reads an official ListOps TSV: (inputs [n, seq_len], targets int32 [n]).
 
-  Row i is CLS then the symbols of line i. Rows with more symbols than fit (seq_len - 1) are
-  truncated and counted in one warning naming the file, or, with allow_truncation=False,
-  refused (DataError naming the first such line). A file without data rows is a DataError.
+  Row i is CLS then the symbols of line i that the token set `tokens` keeps. Rows with more
+  symbols than fit (seq_len - 1) are truncated and counted in one warning naming the file, or,
+  with allow_truncation=False, refused (DataError naming the first such line). A file without
+  data rows is a DataError.
   """
+  check_token_set(tokens)
   if not os.path.isfile(path):
     raise DataError(f"ListOps file {path} not found. {_DOWNLOAD_HELP}")
   inputs, targets, lengths, lines = [], [], [], []
@@ -273,16 +328,16 @@ def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation
         cut = data.rfind(b"\n") + 1
         data, rest = data[:cut], data[cut:]
       if data:
-        fast = _parse_chunk_fast(data, seq_len, dtype)
+        fast = _parse_chunk_fast(data, seq_len, dtype, tokens)
         if fast is not None:
           fast = fast + (line_no + np.arange(len(fast[1])),)
         else:  # Unusual or bad lines: parse one by one for exact errors.
           rows, counts, numbers = [], [], []
           for i, line in enumerate(data.split(b"\n")[:-1]):
-            row = _parse_line(line, f"{path}:{line_no + i}", seq_len, dtype)
+            row = _parse_line(line, f"{path}:{line_no + i}", seq_len, dtype, tokens)
             if row is not None:
               rows.append(row)
-              counts.append(_num_symbols(line))
+              counts.append(_num_symbols(line, tokens))
               numbers.append(line_no + i)
           fast = (np.stack([r for r, _ in rows]) if rows else np.zeros((0, seq_len), dtype),
                   np.array([t for _, t in rows], np.int32), np.array(counts, np.int64),
@@ -348,6 +403,11 @@ def _settings(config: Any) -> GeneratorSettings:
     raise DataError(f"config.listops.{e}") from None
 
 
+def token_set(config: Any) -> str:
+  """`config.listops.tokens` (default "brackets"), checked."""
+  return check_token_set(str((config.get("listops") or {}).get("tokens", "brackets")))
+
+
 def load(config: Any) -> TaskData:
   """ListOps splits from config.data_dir, or from the generator when data_dir is empty. Rows
   start with CLS when the model reads it out (`uses_cls`), else with the first symbol."""
@@ -357,20 +417,28 @@ def load(config: Any) -> TaskData:
   if not os.path.isdir(data_dir):
     raise DataError(f"ListOps data folder {data_dir} not found. {_DOWNLOAD_HELP}")
   cls = uses_cls(config)
+  tokens = token_set(config)
+  # The reader writes CLS first; without CLS read one column more and drop it. At most
+  # truncate_len symbols are kept, then zeros up to seq_len.
+  width = min(truncate_len(config) or config.seq_len, config.seq_len - cls) + 1
   splits = {}
   for split, name in SPLIT_FILES.items():
-    # The reader writes CLS first; without CLS read one column more and drop it.
-    inputs, targets = read_tsv(os.path.join(data_dir, name), config.seq_len + (not cls),
-                               np.uint8,
-                               allow_truncation=bool(config.get("allow_truncation", True)))
+    inputs, targets = read_tsv(os.path.join(data_dir, name), width, np.uint8,
+                               allow_truncation=bool(config.get("allow_truncation", True)),
+                               tokens=tokens)
     if not cls:
-      inputs = np.ascontiguousarray(inputs[:, 1:])
-    splits[split] = grain.MapDataset.source(_Records(inputs, targets))
+      inputs = inputs[:, 1:]
+    padded = np.zeros((len(inputs), config.seq_len), np.uint8)
+    padded[:, :inputs.shape[1]] = inputs
+    if tokens == "fairseq":
+      append_eos(padded, start=int(cls))
+    splits[split] = grain.MapDataset.source(_Records(padded, targets))
   # Generated (the marker, or the cache this loader generated) or official; files hashed.
   provenance = data_provenance(
       data_dir, [os.path.join(data_dir, n) for n in SPLIT_FILES.values()],
       generated=None if config.data_dir else listops_generator.generated_provenance(settings))
-  return TaskData(name="listops", splits=splits, vocab_size=VOCAB_SIZE,
+  provenance["tokens"] = tokens     # the token set is part of the data
+  return TaskData(name="listops", splits=splits, vocab_size=vocab_size(tokens),
                   num_classes=NUM_CLASSES, seq_len=config.seq_len, pad_id=PAD_ID,
                   provenance=provenance,
                   sources={s: os.path.join(data_dir, n) for s, n in SPLIT_FILES.items()})

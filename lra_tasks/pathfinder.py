@@ -4,7 +4,8 @@ Records are `{"inputs": int32[seq_len], "targets": int32[]}` with 2 classes (1: 
 markers are connected). Each grayscale image is flattened row-major to resolution**2 tokens
 with values 0..255. With `config.model.readout == "cls"` CLS id 256 is prepended (vocabulary
 257); otherwise (the Pathfinder default, mean readout) the vocabulary is 256. There is no
-padding (pad_id None): black pixels (0) are ordinary tokens.
+padding (pad_id None): black pixels (0) are ordinary tokens, unless `config.black_is_padding`
+(`common.pixel_pad_id`: pad_id 0, the small protocol).
 
 Data layout (the LRA release `lra_release.gz`):
 
@@ -29,8 +30,8 @@ Provenance (results.json): a difficulty folder holding the generator's marker
 `common.GENERATED_MARKER` (and the cache this loader generates itself) is recorded as
 generated, any other as official; both with the sha256 of each metadata file.
 
-Config fields: `data_dir`, `seq_len`, `model.readout`, and `pathfinder.{resolution,
-difficulty, split_seed, num_images, gen_seed}`.
+Config fields: `data_dir`, `seq_len`, `model.readout`, `black_is_padding`, and
+`pathfinder.{resolution, difficulty, split_seed, num_images, gen_seed}`.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ import numpy as np
 from PIL import Image
 
 from lra_tasks import pathfinder_generator
-from lra_tasks.common import DataError, TaskData, data_provenance, default_cache_dir, uses_cls
+from lra_tasks.common import (DataError, TaskData, data_provenance, default_cache_dir,
+                              pixel_pad_id, uses_cls)
 
 log = logging.getLogger(__name__)
 
@@ -391,5 +393,5 @@ def load(config: Any) -> TaskData:
             f"config.pathfinder.num_images={int(pf.num_images)} is too few")
   return TaskData(name="pathx" if resolution == 128 else "pathfinder", splits=splits,
                   vocab_size=PIXEL_VOCAB + int(cls), num_classes=NUM_CLASSES, seq_len=seq_len,
-                  pad_id=None, provenance=provenance,
+                  pad_id=pixel_pad_id(config), provenance=provenance,
                   sources=dict.fromkeys(splits, source))

@@ -18,7 +18,8 @@ lazily in a grain `.map`, so records are cheap to hold and memory is bounded by
 
 Config fields: `data_dir` (the `lra_release/tsv_data/` folder; a folder holding `tsv_data/` or
 `lra_release/tsv_data/` also works), `seq_len` (per document), `model.readout`, and optional
-`append_eos` (default: on when CLS is used).
+`append_eos` (default: on when CLS is used) and `truncate_len` (at most that many bytes per
+document, then zeros up to `seq_len`: the small protocol's 4,000 + 96).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import grain
 import numpy as np
 
 from lra_tasks import byte_tokens
-from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
+from lra_tasks.common import (DataError, TaskData, official_provenance, truncate_len,
+                              uses_cls)
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,11 @@ class TokenizePair(grain.transforms.Map):
   seq_len: int
   cls: bool
   eos: bool
+  limit: int = 0               # at most this many bytes per document (0: all that fit)
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    docs = [byte_tokens.encode(element[k], self.seq_len, cls=self.cls, eos=self.eos)
+    docs = [byte_tokens.encode(element[k], self.seq_len, cls=self.cls, eos=self.eos,
+                               limit=self.limit)
             for k in ("text1", "text2")]
     return {"inputs": np.stack(docs), "targets": np.asarray(element["label"], np.int32)}
 
@@ -160,12 +164,13 @@ def load(config: Any) -> TaskData:
   cls = uses_cls(config)
   eos = bool(config.get("append_eos", cls))
   seq_len = int(config.seq_len)
-  max_doc_bytes = byte_tokens.max_bytes(seq_len, cls=cls, eos=eos)
+  limit = truncate_len(config)
+  max_doc_bytes = byte_tokens.max_bytes(seq_len, cls=cls, eos=eos, limit=limit)
   if not config.get("data_dir"):
     raise DataError(f"config.data_dir is empty; point it at the lra_release/tsv_data/ folder "
                     f"of lra_release.gz ({RELEASE_URL}) that holds {', '.join(FILES.values())}.")
   folder = find_release_dir(config.data_dir)
-  tokenize = TokenizePair(seq_len, cls, eos)
+  tokenize = TokenizePair(seq_len, cls, eos, limit)
   splits = {split: grain.MapDataset.source(read_tsv(folder / name, max_doc_bytes)).map(tokenize)
             for split, name in FILES.items()}
   return TaskData(name="retrieval", splits=splits,

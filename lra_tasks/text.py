@@ -10,7 +10,8 @@ set for validation).
 
 Config fields: `data_dir` (the TFDS data dir holding `imdb_reviews/plain_text/<version>/`, or
 that version folder itself; empty means $TFDS_DATA_DIR or ~/tensorflow_datasets), `seq_len`,
-`model.readout`, and optional `append_eos` (default: on when CLS is used).
+`model.readout`, and optional `append_eos` (default: on when CLS is used) and `truncate_len`
+(at most that many bytes, then zeros up to `seq_len`: the small protocol's 1,000 + 24).
 
 Building the data (once, on any machine with TensorFlow; training hosts need no TF):
 
@@ -38,7 +39,8 @@ import grain
 import numpy as np
 
 from lra_tasks import byte_tokens
-from lra_tasks.common import DataError, TaskData, official_provenance, uses_cls
+from lra_tasks.common import (DataError, TaskData, official_provenance, truncate_len,
+                              uses_cls)
 
 TFDS_NAME = "imdb_reviews"
 TFDS_CONFIG = "plain_text"
@@ -119,10 +121,11 @@ class TokenizeText(grain.transforms.Map):
   seq_len: int
   cls: bool
   eos: bool
+  limit: int = 0               # at most this many bytes (config.truncate_len; 0: what fits)
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"inputs": byte_tokens.encode(element["text"], self.seq_len, cls=self.cls,
-                                         eos=self.eos),
+                                         eos=self.eos, limit=self.limit),
             "targets": np.asarray(element["label"], np.int32)}
 
 
@@ -134,7 +137,7 @@ def load(config: Any) -> TaskData:
   byte_tokens.max_bytes(seq_len, cls=cls, eos=eos)  # Fails early if seq_len is too short.
   builder = open_tfds_build(TFDS_NAME, TFDS_CONFIG, config.get("data_dir"), _IMDB_RECIPE,
                             ("train", "test"))
-  tokenize = TokenizeText(seq_len, cls, eos)
+  tokenize = TokenizeText(seq_len, cls, eos, truncate_len(config))
   train = grain.MapDataset.source(builder.as_data_source(split="train")).map(tokenize)
   test = grain.MapDataset.source(builder.as_data_source(split="test")).map(tokenize)
   return TaskData(name="text", splits={"train": train, "validation": test, "test": test},

@@ -30,25 +30,59 @@ def train_iterator(split: Sequence[dict[str, Any]], global_batch: int, seed: int
   return iter(it_ds)
 
 
-def eval_batches(split: Sequence[dict[str, Any]], global_batch: int, max_examples: int = 0
-                 ) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(split: Sequence[dict[str, Any]], global_batch: int, max_examples: int = 0,
+                 drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """This process's share of `split` in order, in batches padded to full size; each batch has a
-  float `weights` entry (0 for padding rows). All processes yield the same number of batches."""
+  float `weights` entry (0 for padding rows). All processes yield the same number of batches.
+  `drop_last` leaves out the last partial batch (a torch DataLoader's drop_last)."""
   n = len(split) if max_examples <= 0 else min(len(split), max_examples)
-  n_proc, idx = jax.process_count(), jax.process_index()
-  local = global_batch // n_proc
+  if drop_last:
+    n -= n % global_batch
   num_batches = -(-n // global_batch)
   for b in range(num_batches):
-    start = b * global_batch + idx * local
-    rows = list(range(start, min(start + local, n)))
-    records = [split[r] for r in rows]
-    weights = np.zeros((local,), np.float32)
-    weights[: len(records)] = 1.0
-    while len(records) < local:
-      records.append(records[0] if records else split[0])
-    batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
-    batch["weights"] = weights
-    yield batch
+    yield _local_batch(split, range(b * global_batch, min((b + 1) * global_batch, n)),
+                       global_batch)
+
+
+def eval_stream_batches(split: Sequence[dict[str, Any]], global_batch: int, seed: int,
+                        evaluation: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+  """Evaluation `evaluation` (1, 2, ...) of an endless reshuffled stream of `split`: its batches
+  [(evaluation - 1) * num_batches, evaluation * num_batches), as `eval_batches` gives them.
+
+  The stream is epochs of full batches (the last partial batch of each epoch is dropped), each
+  epoch a permutation drawn from (seed, epoch): what the Nystromformer LRA code's validation
+  loop read, the next `num_batches` batches at each evaluation. A function of `evaluation`
+  alone, so a resumed run evaluates on exactly the batches the uninterrupted run would."""
+  n = len(split)
+  per_epoch = n // global_batch
+  if per_epoch < 1:
+    raise ValueError(f"the validation split has {n} examples, fewer than one batch of "
+                     f"{global_batch}: an evaluation stream needs full batches")
+  perms: dict[int, np.ndarray] = {}
+  for b in range((evaluation - 1) * num_batches, evaluation * num_batches):
+    epoch, j = divmod(b, per_epoch)
+    if epoch not in perms:
+      perms[epoch] = np.random.default_rng([seed, _STREAM_TAG, epoch]).permutation(n)
+    rows = perms[epoch][j * global_batch:(j + 1) * global_batch]
+    yield _local_batch(split, rows.tolist(), global_batch)
+
+
+_STREAM_TAG = 0x5E1      # keeps the stream's permutations apart from other uses of the seed
+
+
+def _local_batch(split: Sequence[dict[str, Any]], rows: Sequence[int], global_batch: int
+                 ) -> dict[str, np.ndarray]:
+  """This process's share of the global batch of `rows`, padded to full size with weight 0."""
+  n_proc, idx = jax.process_count(), jax.process_index()
+  local = global_batch // n_proc
+  records = [split[r] for r in rows[idx * local:(idx + 1) * local]]
+  weights = np.zeros((local,), np.float32)
+  weights[: len(records)] = 1.0
+  while len(records) < local:
+    records.append(records[0] if records else split[0])
+  batch = {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+  batch["weights"] = weights
+  return batch
 
 
 # ----------------------------------------------------------------------------- length buckets

@@ -211,7 +211,10 @@ class Encoder(nn.Module):
     is_luna = carries_p(cfg)
     emb_std = d**-0.5 if is_luna else 1.0
 
-    # Embeddings. Positions count real tokens from 1; pads get no position.
+    # Embeddings. Position j (from 1) is the token's index; pads get none. Where padding only
+    # trails (every token task) this is fairseq's count of real tokens; with pads inside the
+    # sequence (black pixels as padding, `lra_tasks.common.pixel_pad_id`) each pixel keeps its
+    # place in the image, as the small protocol's code had it.
     if cfg.embedding == "patches":
       if cfg.pad_id is not None:
         raise ValueError("embedding='patches' is for unpadded images (Pathfinder); this task "
@@ -225,7 +228,7 @@ class Encoder(nn.Module):
     else:
       x_BxNxD = nn.Embed(cfg.vocab_size, d, embedding_init=nn.initializers.normal(emb_std),
                          name="embed_tokens")(tokens_BxN)
-    positions_BxN = jnp.cumsum(mask_BxN, axis=1) * mask_BxN
+    positions_BxN = jnp.arange(1, n + 1, dtype=jnp.int32)[None, :] * mask_BxN
     if cfg.positions == "learned":
       # Luna: N(0, D**-0.5) (fairseq); the LRA reference's AddPositionEmbs: N(0, 0.02).
       pos_std = d**-0.5 if is_luna else 0.02

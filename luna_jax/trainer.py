@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax
 import jax
@@ -64,6 +64,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = _get(config, field)
     if value is not None and value < low:
       raise ConfigError(f"config.{field}={value} must be >= {low}")
+  if not config.get("save_best_after", 0.0) < 1.0:
+    raise ConfigError(f"config.save_best_after={config.save_best_after} must be < 1 (a "
+                      "fraction of num_train_steps)")
   for field in ("model.dropout", "model.attention_dropout", "model.activation_dropout"):
     if not 0.0 <= _get(config, field) < 1.0:
       raise ConfigError(f"config.{field}={_get(config, field)} must be in [0, 1)")
@@ -104,6 +107,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if m.embedding == "patches" and m.get("patch_size", 0) < 1:
     raise ConfigError(f"config.model.embedding='patches' needs config.model.patch_size >= 1, "
                       f"got {m.get('patch_size', 0)}")
+  if config.get("length_buckets", 0) > 1:
+    for field in ("eval_stream", "test_drop_last"):
+      if config.get(field, False):
+        raise ConfigError(f"config.{field}=true reads the splits unbucketed; it cannot be "
+                          f"combined with config.length_buckets={config.length_buckets}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
   carries_p = getattr(get_attention(m.attention), "carries_p", False)
@@ -116,6 +124,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 _AT_LEAST = (("num_train_steps", 1), ("eval_every", 1), ("log_every", 1),
              ("checkpoint_every", 1), ("keep_checkpoints", 1), ("batch_size", 1),
              ("seq_len", 1), ("warmup_steps", 0), ("eval_max_examples", 0),
+             ("truncate_len", 0), ("grad_clip_value", 0.0), ("save_best_after", 0.0),
              ("grain_workers", 0), ("weight_decay", 0.0), ("grad_clip", 0.0),
              ("model.num_layers", 1), ("model.emb_dim", 1), ("model.mlp_dim", 1),
              ("model.num_heads", 1), ("model.num_pack_heads", 0), ("model.qkv_dim", 0),
@@ -192,6 +201,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                      weight_decay=config.weight_decay)
   if config.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if config.get("grad_clip_value", 0.0) > 0:   # torch clip_grad_value_ (the Skyformer code)
+    tx = optax.chain(optax.clip(config.grad_clip_value), tx)
   return tx
 
 
@@ -414,12 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
       sums = None
-      # eval_max_examples caps model selection only; the test split is always evaluated whole.
-      cap = config.eval_max_examples if split == "validation" else 0
-      batches = (input_pipeline.bucketed_eval_batches(task.splits[split], lengths[split],
-                                                      config.batch_size, buckets, cap)
-                 if buckets else
-                 input_pipeline.eval_batches(task.splits[split], config.batch_size, cap))
+      batches = _eval_batches(config, task, split, step, buckets, lengths)
       for batch in batches:
         batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
         batch["class_counts"] *= batch["weights"][:, None]
@@ -484,7 +490,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           progress.log(step, val)
           if val["val_accuracy"] > best_val:
             best_val = val["val_accuracy"]
-            ckpts.save_best(step, state.params)
+            # The score counts from the start; best/ only after save_best_after (Skyformer).
+            if step > config.get("save_best_after", 0.0) * config.num_train_steps:
+              ckpts.save_best(step, state.params)
           t_log = time.time()
         ckpts.save(step, state, train_iter.get_state(),
                    force=stopping is not None or step == config.num_train_steps)
@@ -588,6 +596,26 @@ def _length_buckets(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
       f"{name} {np.bincount(np.searchsorted(buckets, ls), minlength=len(buckets)).tolist()}"
       for name, ls in lengths.items()))
   return buckets, lengths
+
+
+def _eval_batches(config: ml_collections.ConfigDict, task: lra_tasks.TaskData, split: str,
+                  step: int, buckets: tuple[int, ...], lengths: dict[str, np.ndarray]
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """The batches that evaluate `split` at `step`. Validation: the first `eval_max_examples`
+  examples (0: all), or with `eval_stream` the next eval_max_examples // batch_size batches of
+  a reshuffled stream (evaluation ceil(step / eval_every)). Test: the whole split, less its last
+  partial batch with `test_drop_last`."""
+  data = task.splits[split]
+  if split == "validation" and config.get("eval_stream", False):
+    num = max(1, (config.eval_max_examples or len(data)) // config.batch_size)
+    return input_pipeline.eval_stream_batches(data, config.batch_size, config.seed,
+                                              -(-step // config.eval_every), num)
+  cap = config.eval_max_examples if split == "validation" else 0
+  if buckets:
+    return input_pipeline.bucketed_eval_batches(data, lengths[split], config.batch_size,
+                                                buckets, cap)
+  drop_last = split == "test" and bool(config.get("test_drop_last", False))
+  return input_pipeline.eval_batches(data, config.batch_size, cap, drop_last)
 
 
 def _check_source(config: ml_collections.ConfigDict) -> None:

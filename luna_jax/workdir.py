@@ -71,8 +71,11 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
 MODEL_DATA, SCHEDULE, BOOKKEEPING = "model/data", "schedule", "bookkeeping"
 SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "warmup_init_lr", "num_train_steps",
                    "schedule", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
+                   "grad_clip_value",
                    "one_cycle.*")
-BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "log_every", "checkpoint_every",
+BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "eval_stream", "test_drop_last",
+                      "save_best_after",
+                      "log_every", "checkpoint_every",
                       "keep_checkpoints", "grain_workers", "protocol", "allow_resume_changes",
                       "allow_truncation",
                       # how the same model is computed (same parameters, same data)

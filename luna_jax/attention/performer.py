@@ -17,6 +17,21 @@ through them):
   streamed, so the stabiliser of query i is the running max over the real keys j <= i; the
   carried state is rescaled when the running max grows (`linear_common`, log-domain keys).
 
+`form="nystromformer_lra"` (softmax kernel, bidirectional): FAVOR+ as the Nystromformer LRA code
+ran it (its `attention_performer.py` around performer-pytorch 0.15.0's `FastAttention`; the
+Skyformer code bundles the same kernel), every difference from the form above kept:
+* q and k are divided by dh**0.25 before the kernel divides them by dh**0.25 again, so the
+  features estimate exp(q . k / dh), not exp(q . k / sqrt(dh));
+* phi(x) = m**-0.5 * (exp(w_i . x_hat - |x_hat|^2 / 2 - c) + 1e-4): the 1e-4 is inside each
+  feature, so the stabilisers c no longer cancel: queries take the max over their own features,
+  keys ONE max over the whole batch, heads, positions and features (torch.max with its
+  gradient, as there);
+* padded keys are zeroed, not removed: k = 0 gives phi = m**-0.5 (exp(-c) + 1e-4) > 0, so they
+  add to the normaliser, while v is zeroed too so they add nothing to the numerator;
+* out_i = phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i)^T sum_j phi(k_j)), no eps;
+* W drawn once and never redrawn (that code has no redraw): use it with `redraw=False`.
+Under data parallelism the key max is over the global batch (torch: over each GPU's share).
+
 `kernel="relu"`: the deterministic phi(x) = relu(x) + 0.001 on the raw per-head projections (no
 random features; `num_features` and `redraw` unused), which is what the LRA reference configs
 ran under the Performer name.
@@ -45,7 +60,9 @@ from luna_jax.attention import linear_common
 Array = jax.Array
 State = dict[str, Array]
 KERNELS = ("softmax", "relu")
+FORMS = ("favor", "nystromformer_lra")
 RELU_STABILIZER = 1e-3
+TORCH_FEATURE_EPS = 1e-4     # performer-pytorch softmax_kernel's eps, inside every feature
 
 
 def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array:
@@ -64,6 +81,34 @@ def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array
   return rows_MxD * norms_M[:, None]
 
 
+def nystromformer_lra_attention(q_BxNxHxK: Array, k_BxNxHxK: Array, v_BxNxHxK: Array,
+                                mask_BxN: Array | None, w_FxK: Array
+                                ) -> tuple[Array, Array, Array]:
+  """FAVOR+ as the Nystromformer LRA code computed it (module docstring): (out [B, N, H, K],
+  phi(q), phi(k)), float32."""
+  dh, m = q_BxNxHxK.shape[-1], w_FxK.shape[0]
+  keep_BxNx1x1 = (jnp.ones(q_BxNxHxK.shape[:2], jnp.float32) if mask_BxN is None
+                  else mask_BxN.astype(jnp.float32))[:, :, None, None]
+  q_BxNxHxK = q_BxNxHxK * dh**-0.25                  # the wrapper's scaling ...
+  k_BxNxHxK = k_BxNxHxK * dh**-0.25 * keep_BxNx1x1
+  v_BxNxHxK = v_BxNxHxK.astype(jnp.float32) * keep_BxNx1x1
+
+  def dash(x_BxNxHxK):                               # ... and the kernel's
+    x_hat = x_BxNxHxK * dh**-0.25
+    return (jnp.einsum("bnhk,fk->bnhf", x_hat, w_FxK),
+            0.5 * jnp.sum(x_hat**2, axis=-1, keepdims=True))
+
+  q_dash, q_diag = dash(q_BxNxHxK)
+  k_dash, k_diag = dash(k_BxNxHxK)
+  phi_q_BxNxHxF = m**-0.5 * (jnp.exp(q_dash - q_diag - q_dash.max(-1, keepdims=True))
+                             + TORCH_FEATURE_EPS)
+  phi_k_BxNxHxF = m**-0.5 * (jnp.exp(k_dash - k_diag - k_dash.max()) + TORCH_FEATURE_EPS)
+  d_inv_BxNxH = 1.0 / jnp.einsum("bnhf,bhf->bnh", phi_q_BxNxHxF, phi_k_BxNxHxF.sum(axis=1))
+  context_BxHxFxK = jnp.einsum("bnhf,bnhk->bhfk", phi_k_BxNxHxF, v_BxNxHxK)
+  o_BxNxHxK = jnp.einsum("bhfk,bnhf,bnh->bnhk", context_BxHxFxK, phi_q_BxNxHxF, d_inv_BxNxH)
+  return o_BxNxHxK, phi_q_BxNxHxF, phi_k_BxNxHxF
+
+
 class PerformerAttention(linear_common.LinearAttention):
   """Linear attention with FAVOR+ (or the LRA ReLU) features.
 
@@ -73,6 +118,7 @@ class PerformerAttention(linear_common.LinearAttention):
   kernel: str = "softmax"
   redraw: bool = True
   eps: float = 1e-6
+  form: str = "favor"          # favor | nystromformer_lra (module docstring)
 
   def _feature_key(self) -> Array:
     """Key for W: the "features" stream if given and redraw, else a fixed per-layer key."""
@@ -92,9 +138,23 @@ class PerformerAttention(linear_common.LinearAttention):
     """Projections, features and attention; one recurrent step when `state` is given."""
     if self.kernel not in KERNELS:
       raise ValueError(f"kernel={self.kernel!r}; valid: {KERNELS}")
+    if self.form not in FORMS:
+      raise ValueError(f"form={self.form!r}; valid: {FORMS}")
     q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = self._qkv(x_BxNxD)
     q_BxNxHxK = q_BxNxHxK.astype(jnp.float32)
     k_BxNxHxK = k_BxNxHxK.astype(jnp.float32)
+    if self.form == "nystromformer_lra":
+      if self.kernel != "softmax" or self.causal or state is not None:
+        raise ValueError("form='nystromformer_lra' is the bidirectional softmax-kernel "
+                         "Performer of that code; use form='favor' for kernel='relu', causal "
+                         "attention or decoding")
+      o_BxNxHxK, phi_q_BxNxHxF, phi_k_BxNxHxF = nystromformer_lra_attention(
+          q_BxNxHxK, k_BxNxHxK, v_BxNxHxK, mask_BxN, self.random_features(q_BxNxHxK.shape[-1]))
+      if self.is_mutable_collection("intermediates"):   # padded keys keep their share
+        a_BxHxNxN = jnp.einsum("bihf,bjhf->bhij", phi_q_BxNxHxF, phi_k_BxNxHxF)
+        self.sow("intermediates", "attn_weights", a_BxHxNxN / a_BxHxNxN.sum(-1, keepdims=True))
+      y_BxNxD = self._out(o_BxNxHxK, x_BxNxD.shape[-1])
+      return y_BxNxD, None, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
     if self.kernel == "relu":
       phi_q_BxNxHxF = jax.nn.relu(q_BxNxHxK) + RELU_STABILIZER
       phi_k_BxNxHxF = jax.nn.relu(k_BxNxHxK) + RELU_STABILIZER

@@ -1,38 +1,66 @@
 """Published LRA numbers (test accuracy, %), kept apart from anything measured here.
 
 Every source names the protocol its numbers were produced under (the names of
-`configs/common.py`: luna_paper, lra_reference, small) or "other". The results table shows a
-published row only beside measured runs of the same protocol (`comparable_rows`). Sources as
-summarised in shared/reference/recipes-and-results.md and luna.md. `FAIL` marks a Path-X entry
-reported as failed (chance level); a missing task was not reported.
+`configs/common.py`: luna_paper, lra_reference, small, skyformer), "not_stated" (shown beside
+the protocols in `shown_with`, marked) or "other"; the ListOps token set its runs read
+(lra_tasks/listops.py TOKEN_SETS); and where its numbers were checked (`verified`, "" when they
+were not). The results table shows a published row only beside measured runs of the same
+protocol (`comparable_rows`), and a ListOps cell only beside runs of the same token set.
+`FAIL` marks a Path-X entry reported as failed (chance level); a missing task was not reported.
 """
 from __future__ import annotations
 
 import dataclasses
 
 FAIL = "FAIL"
+NOT_STATED = "not_stated"
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A published table: its name, the protocol it ran, and what a reader must know."""
   name: str
-  protocol: str          # luna_paper | lra_reference | small | other
+  protocol: str          # luna_paper | lra_reference | small | skyformer | not_stated | other
   note: str
+  listops_tokens: str = ""       # the token set its ListOps rows read ("": not known)
+  verified: str = ""             # where the numbers were checked ("": unverified)
+  shown_with: tuple[str, ...] = ()   # not_stated: the protocols it is shown beside, marked
+
+  def shown_under(self, protocol: str) -> bool:
+    return protocol == self.protocol or protocol in self.shown_with
 
 
 LUNA = Source("Luna paper (Ma et al. 2021, camera-ready)", "luna_paper",
-              "Luna recipes per task; the Transformer row is the Luna authors' re-implementation")
+              "Luna recipes per task; the Transformer row is the Luna authors' re-implementation",
+              listops_tokens="fairseq", verified="shared/reference/luna.md")
 LRA = Source("LRA Table 1 (Tay et al. 2020)", "lra_reference",
              "LRA reference configs; Performer = the LRA configs' generalized ReLU kernel "
-             "(ListOps: FAVOR+ softmax with 2 features)")
-NYSTROMFORMER = Source("Nystromformer paper (Xiong et al. 2021)", "small",
-                       "small-model protocol; quoted from the reference notes, which flag these "
-                       "figures as from memory: check the paper before citing")
-SKYFORMER = Source("Skyformer paper (Chen et al. 2021), reprinted by LUNA", "small",
-                   "small-model protocol, the Skyformer authors' runs")
-LEARNED_KERNEL = Source("LUNA learned kernel (Shahbazi et al. 2025)", "small",
-                        "small-model protocol (most likely; LUNA reuses the Skyformer code)")
+             "(ListOps: FAVOR+ softmax with 2 features); ListOps through the public pipeline "
+             "of the paper's time (bracket-free until 2021-03-04)",
+             listops_tokens="no_brackets", verified="shared/reference/recipes-and-results.md")
+NYSTROMFORMER = Source(
+    "Nystromformer paper (Xiong et al. 2021), LRA table", "small",
+    "the Nystromformer LRA code (mlpen/Nystromformer LRA/); its header says Text 4K but that "
+    "code reads 1,000 bytes; Performer = performer-pytorch FAVOR+ with 256 features",
+    listops_tokens="no_brackets",
+    verified="the repository's table image img/LRA.png (\"Table 1\"); each Avg is the mean "
+             "of its row; the paper PDF itself was not read")
+SKYFORMER = Source(
+    "Skyformer paper (Chen et al. 2021), Table 1", "skyformer",
+    "the Skyformer code (pkuzengqi/Skyformer src/), mean of 3 seeds; Performer with 128 "
+    "features", listops_tokens="no_brackets",
+    verified="doc/Skyformer_camera_ready.pdf Table 1 (columns reordered to ours); each Avg "
+             "is the mean of its row")
+LEARNED_KERNEL = Source(
+    "LUNA learned kernel (Shahbazi et al. 2025)", NOT_STATED,
+    "protocol not stated in our sources (LUNA reuses a small-model code base; which of "
+    "`small` and `skyformer` is not known)", shown_with=("small", "skyformer"),
+    verified="shared/reference/recipes-and-results.md (abstract numbers)")
+LUNA_TABLE_TRANSFORMER = Source(
+    "Transformer row reprinted beside LUNA (source unknown)", NOT_STATED,
+    "UNVERIFIED: in no source we read; earlier notes gave it as the Skyformer authors' row, "
+    "but their camera-ready table has other numbers (its Self-Attention row, above)",
+    shown_with=("small", "skyformer"))
 HIGH_BARS = Source("6-task high bars (with Path-X)", "other",
                    "other models and recipes (state-space models, pretraining); not comparable "
                    "with any protocol here")
@@ -77,14 +105,28 @@ PUBLISHED: dict[Source, dict[str, dict[str, float | str]]] = {
         "Performer": _lra(18.01, 65.40, 53.82, 42.77, 77.05, 51.41),
     },
     NYSTROMFORMER: {
-        "Transformer": _row(_L, 37.10, 65.02, 79.35, 38.20, 74.16, None),
+        "Transformer": _row(_L, 37.10, 65.02, 79.35, 38.20, 74.16, 58.77),
+        "Reformer": _row(_L, 19.05, 64.88, 78.64, 43.29, 69.36, 55.04),
+        "Linformer": _row(_L, 37.25, 55.91, 79.37, 37.84, 67.60, 55.59),
+        "Performer": _row(_L, 18.80, 63.81, 78.62, 37.07, 69.87, 53.63),
+        "Nystromformer": _row(_L, 37.15, 65.52, 79.56, 41.58, 70.94, 58.95),
     },
-    SKYFORMER: {
-        "Transformer": _row(_L, 38.71, 61.55, 80.93, 39.14, 70.39, None),
-        "Skyformer": _row(_L, 38.69, 64.70, 82.06, 40.77, 70.73, None),
+    SKYFORMER: {     # the paper's columns are Text, ListOps, Retrieval, Pathfinder, Image
+        "Self-Attention (Transformer)": _row(_L, 38.37, 61.95, 80.69, 40.57, 65.26, 57.37),
+        "Kernelized Attention": _row(_L, 38.78, 60.22, 81.77, 41.29, 70.73, 58.56),
+        "Nystromformer": _row(_L, 38.51, 64.83, 80.52, 41.30, 69.48, 58.93),
+        "Linformer": _row(_L, 37.45, 58.93, 78.19, 37.96, 60.93, 54.69),
+        "Informer": _row(_L, 32.53, 62.64, 77.57, 38.10, 57.83, 53.73),
+        "Performer": _row(_L, 38.02, 64.19, 80.04, 41.43, 66.30, 58.00),
+        "Reformer": _row(_L, 37.68, 62.93, 78.99, 48.87, 66.49, 58.99),
+        "BigBird": _row(_L, 39.25, 63.86, 80.28, 43.16, 68.72, 59.05),
+        "Skyformer": _row(_L, 38.69, 64.70, 82.06, 40.77, 70.73, 59.39),
     },
     LEARNED_KERNEL: {
         "LUNA (learned kernel)": _row(_L, 38.94, 73.41, 81.02, 64.32, 69.52, 65.44),
+    },
+    LUNA_TABLE_TRANSFORMER: {
+        "Transformer (unverified)": _row(_L, 38.71, 61.55, 80.93, 39.14, 70.39, None),
     },
     HIGH_BARS: {
         "S4": _row(_L6, 59.60, 86.82, 90.90, 88.65, 94.20, 96.35, 86.09),
@@ -103,15 +145,31 @@ COMPARABLE: dict[tuple[str, str], tuple[tuple[Source, str], ...]] = {
     ("lra_reference", "softmax"): ((LRA, "Transformer"),),
     ("lra_reference", "linear_elu"): ((LRA, "Linear Trans."),),
     ("lra_reference", "performer"): ((LRA, "Performer"),),
-    ("small", "softmax"): ((NYSTROMFORMER, "Transformer"), (SKYFORMER, "Transformer")),
+    ("small", "softmax"): ((NYSTROMFORMER, "Transformer"),),
+    ("small", "performer"): ((NYSTROMFORMER, "Performer"),),
+    ("skyformer", "softmax"): ((SKYFORMER, "Self-Attention (Transformer)"),),
+    ("skyformer", "performer"): ((SKYFORMER, "Performer"),),
     ("small", "learned_kernel"): ((LEARNED_KERNEL, "LUNA (learned kernel)"),),
+    ("skyformer", "learned_kernel"): ((LEARNED_KERNEL, "LUNA (learned kernel)"),),
 }
 
 
 def comparable_rows(protocol: str) -> list[tuple[Source, str, dict[str, float | str]]]:
-  """Every published row produced under `protocol` (source, model, values)."""
-  return [(src, model, vals) for src, models in PUBLISHED.items() if src.protocol == protocol
+  """Every published row shown under `protocol` (source, model, values): those produced under
+  it, then those of an unstated protocol shown beside it (marked by their source)."""
+  rows = [(src, model, vals) for src, models in PUBLISHED.items() if src.protocol == protocol
           for model, vals in models.items()]
+  return rows + [(src, model, vals) for src, models in PUBLISHED.items()
+                 if src.protocol != protocol and src.shown_under(protocol)
+                 for model, vals in models.items()]
+
+
+def comparable_cell(source: Source, task: str, listops_tokens: str | None
+                    ) -> bool:
+  """Whether a published cell may stand beside runs of `task` that read `listops_tokens`: for
+  ListOps only when the source's runs read the same token set (known on both sides)."""
+  return task != "listops" or (bool(source.listops_tokens)
+                               and source.listops_tokens == listops_tokens)
 
 
 # Byte-level Text at 4K tokens, relative to the Transformer: (speed, memory). LRA Table 2 steps/s

@@ -59,7 +59,7 @@ class Run:
   peak_memory_bytes: int | None
   config: dict[str, Any]           # flattened config.json
   message: str = ""
-  protocol: str = "unknown"        # luna_paper | lra_reference | small | quick | custom
+  protocol: str = "unknown"        # luna_paper | lra_reference | small | skyformer | quick | custom
   data: dict[str, Any] = dataclasses.field(default_factory=dict)   # results.json "data"
 
   @property
@@ -116,13 +116,16 @@ _GENERATOR_RENAMES = {"lra_tasks.listops": "lra_tasks.listops_generator"}
 
 
 def data_label(data: dict[str, Any]) -> str:
-  """"official", "generated: <generator> <settings>" or "unknown" (older runs)."""
+  """"official", "generated: <generator> <settings>" or "unknown" (older runs), followed by
+  "; tokens <set>" where the run recorded its token set (ListOps): runs that read other
+  symbols of the same files never share a table."""
   source = data.get("source")
+  label = source or "unknown"
   if source == "generated":
     settings = ", ".join(f"{k}={v}" for k, v in sorted(data.get("settings", {}).items()))
     generator = data.get("generator", "?")
-    return f"generated: {_GENERATOR_RENAMES.get(generator, generator)} ({settings})"
-  return source or "unknown"
+    label = f"generated: {_GENERATOR_RENAMES.get(generator, generator)} ({settings})"
+  return f"{label}; tokens {data['tokens']}" if data.get("tokens") else label
 
 
 def mechanism_name(attention: str, proj_len: int | None) -> str:
@@ -202,10 +205,12 @@ def load_runs(roots: Iterable[str]) -> list[Run]:
 
 # ----------------------------------------------------------------------------- aggregation
 
-PROTOCOL_ORDER = ("luna_paper", "lra_reference", "small", "custom", "quick", "unknown")
+PROTOCOL_ORDER = ("luna_paper", "lra_reference", "small", "skyformer", "custom", "quick",
+                  "unknown")
 PROTOCOL_TITLES = {
     "luna_paper": "Luna paper recipes", "lra_reference": "LRA reference recipes",
-    "small": "small-model protocol (Nystromformer LRA code)",
+    "small": "small-model protocol (the Nystromformer LRA code as it ran)",
+    "skyformer": "Skyformer protocol (the Skyformer code's settings of the small model)",
     "custom": "custom (recipe fields overridden; comparable with no published table)",
     "quick": "quick runs (small generated data; comparable with no published number)",
     "unknown": "runs without a recorded protocol (older code)"}
@@ -223,7 +228,7 @@ def _task_key(task: str) -> tuple[int, str]:
 
 def _group_key(protocol: str, data: str) -> tuple[int, int, str, str]:
   order = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else 99
-  return order, data != "official", protocol, data
+  return order, not data.startswith("official"), protocol, data
 
 
 Group = tuple[str, str]    # (protocol, data label): runs of one group may share a table
@@ -320,6 +325,19 @@ def _published_cell(v: float | str | None) -> str:
   return "—" if v is None else (v if isinstance(v, str) else f"{v:.2f}")
 
 
+def group_listops_tokens(rows: list[Row], group: Group) -> str | None:
+  """The ListOps token set the group's runs read (results.json data.tokens), None if none
+  recorded it."""
+  return next((r.runs[0].data.get("tokens") for r in rows
+               if (r.protocol, r.data_label) == group and r.runs[0].data.get("tokens")), None)
+
+
+def _source_marks(src: pub.Source) -> str:
+  """" (protocol not stated)" and " (unverified)" where they apply."""
+  marks = " (protocol not stated)" if src.protocol == pub.NOT_STATED else ""
+  return marks + ("" if src.verified else " (unverified)")
+
+
 def _group_title(group: Group) -> str:
   protocol, data = group
   title = PROTOCOL_TITLES.get(protocol, protocol)
@@ -346,22 +364,29 @@ def _group_table(rows: list[Row], group: Group, with_published: bool) -> list[st
       line += [_cell(by_task.get("pathx")), _fmt(average(means, TASKS6))]
     lines.append(line + [_cell(by_task.get(t)) for t in extra])
   notes = []
-  if with_published and group[0] in {s.protocol for s in pub.PUBLISHED}:
+  if with_published and any(s.shown_under(group[0]) for s in pub.PUBLISHED):
     ours = {}
     for (protocol, mech), refs in pub.COMPARABLE.items():
       for ref in refs:
         if protocol == group[0]:
           ours[ref] = mech
+    tokens = group_listops_tokens(rows, group)
     for src, model, vals in pub.comparable_rows(group[0]):
-      line = [f"published: {model} [{src.name}]"]
-      line += [_published_cell(vals.get(t)) for t in TASKS5] + [_published_cell(vals.get("avg5"))]
+      line = [f"published: {model} [{src.name}]" + _source_marks(src)]
+      line += [_published_cell(vals.get(t)) if pub.comparable_cell(src, t, tokens) else "—"
+               for t in TASKS5] + [_published_cell(vals.get("avg5"))]
+      if not pub.comparable_cell(src, "listops", tokens) and "listops" in vals:
+        notes.append(f"[{src.name}] ListOps read token set "
+                     f"`{src.listops_tokens or 'not known'}`, these runs "
+                     f"`{tokens or 'not recorded'}`: its ListOps number is not shown.")
       if has_pathx:
         line += [_published_cell(vals.get("pathx")), _published_cell(vals.get("avg6"))]
       lines.append(line + ["—" for _ in extra])
       if (src, model) in ours:
         notes.append(f"`{ours[(src, model)]}` follows the model of published {model} "
                      f"[{src.name}].")
-    notes += sorted({f"[{src.name}]: protocol `{src.protocol}`; {src.note}."
+    notes += sorted({f"[{src.name}]: protocol `{src.protocol}`; {src.note}; numbers checked "
+                     f"against {src.verified or 'nothing (unverified)'}."
                      for src, _, _ in pub.comparable_rows(group[0])})
   out = _md_table(header, lines)
   if group[1].startswith("generated"):
@@ -423,7 +448,7 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
   if with_published:
     shown = {g[0] for g in groups_of(rows)}
     hidden = sorted({f"{s.name} (`{s.protocol}`)" for s in pub.PUBLISHED
-                     if s.protocol not in shown})
+                     if not any(s.shown_under(p) for p in shown)})
     if hidden:
       out += ["", "Published tables not shown (no measured run of their protocol): "
               + "; ".join(hidden) + "."]
@@ -472,7 +497,9 @@ def csv_rows(rows: list[Row], with_published: bool) -> list[dict[str, Any]]:
     for protocol in sorted({g[0] for g in groups_of(rows)}):
       for src, model, vals in pub.comparable_rows(protocol):
         for task, v in vals.items():
-          out.append({"source": f"published: {src.name}", "protocol": src.protocol,
+          out.append({"source": f"published: {src.name}{_source_marks(src)}",
+                      "protocol": src.protocol,
+                      "data": f"tokens {src.listops_tokens}" if task == "listops" else "",
                       "task": task, "mechanism": model, "test_acc_mean": v})
   return out
 
@@ -517,7 +544,8 @@ def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: b
       source, model = pub.COMPARABLE[(group[0], mech)][0]
       vals = pub.PUBLISHED[source][model]
       pts = [(x, vals[r.task]) for x, r in zip(xs, rows)
-             if isinstance(vals.get(r.task), float)]
+             if isinstance(vals.get(r.task), float)
+             and pub.comparable_cell(source, r.task, r.runs[0].data.get("tokens"))]
       if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="D", s=18, color="black",
                    zorder=3, label=None if labelled else "published (paper)")
@@ -563,7 +591,8 @@ def plot_speed_accuracy(table: dict[str, dict[str, Row]], path: str,
   for x, y, m in zip(xs, ys, mechs):
     ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
   show_published = (with_published and relative and tuple(common) == TASKS5
-                    and group[1] == "official" and group[0] in ("luna_paper", "lra_reference"))
+                    and group[1].startswith("official")
+                    and group[0] in ("luna_paper", "lra_reference"))
   if show_published:
     for i, ((source, model), (speed, _)) in enumerate(pub.SPEED_TEXT_4K.items()):
       if source.protocol != group[0]:

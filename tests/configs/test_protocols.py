@@ -122,38 +122,65 @@ def test_luna_recipes_unchanged():
   assert (c.model.emb_dim, c.model.mlp_dim, c.model.num_heads) == (512, 2048, 8)
 
 
-# task -> (batch, steps, warmup, eval every, eval batches, sequence length, position table)
+# task -> (batch, steps, warmup, eval every, eval batches, lr, kept symbols/bytes, padded
+# length, position table): the Nystromformer LRA code (lra_config.py, datasets/*.py).
 SMALL_TABLE = {
-    "listops": (32, 5000, 1000, 50, 62, 2000, 2048),
-    "text": (32, 20000, 8000, 500, 781, 4000, 4096),
-    "retrieval": (32, 30000, 800, 300, 565, 4000, 4096),
-    "image": (256, 35000, 175, 175, 20, 1024, 1024),
-    "pathfinder": (256, 62400, 312, 312, 312, 1024, 1024),
+    "listops": (32, 5000, 1000, 50, 62, 1e-4, 2000, 2048, 2048),
+    "text": (32, 20000, 8000, 500, 781, 1e-4, 1000, 1024, 4096),
+    "retrieval": (32, 30000, 800, 300, 565, 1e-4, 4000, 4096, 4096),
+    "image": (256, 35000, 175, 175, 20, 1e-4, 0, 1024, 1024),
+    "pathfinder": (256, 62400, 312, 312, 312, 1e-4, 0, 1024, 1024),
+}
+# The Skyformer code (src/config.py; Text batch 16 of its camera-ready commit).
+SKYFORMER_TABLE = {
+    "listops": (32, 50000, 1000, 500, 62, 1e-4, 2000, 2048, 2048),
+    "text": (16, 50000, 80, 500, 200, 1e-4, 4000, 4096, 4096),
+    "retrieval": (16, 50000, 800, 1000, 300, 2e-4, 4000, 4096, 4096),
+    "image": (256, 50000, 175, 50, 20, 1e-4, 0, 1024, 1024),
+    "pathfinder": (128, 50000, 312, 500, 156, 2e-4, 0, 1024, 1024),
 }
 
 
+@pytest.mark.parametrize("protocol, table", [("small", SMALL_TABLE),
+                                             ("skyformer", SKYFORMER_TABLE)])
 @pytest.mark.parametrize("task", TASKS5)
 @pytest.mark.parametrize("attention", ATTENTION_NAMES)
-def test_small_protocol_for_every_task_and_mechanism(task, attention):
-  c = get(task, f"{attention},small")
+def test_small_protocol_for_every_task_and_mechanism(task, attention, protocol, table):
+  c = get(task, f"{attention},{protocol}")
   trainer.validate_config(c)
-  batch, steps, warmup, every, batches, seq_len, table = SMALL_TABLE[task]
-  assert c.protocol == "small"
+  batch, steps, warmup, every, batches, lr, content, seq_len, positions = table[task]
+  assert c.protocol == protocol
   assert (c.batch_size, c.num_train_steps, c.warmup_steps, c.eval_every) == (batch, steps,
                                                                              warmup, every)
   assert c.eval_max_examples == batches * batch
-  assert (c.seq_len, c.model.max_len) == (seq_len, table)
+  assert (c.truncate_len, c.seq_len, c.model.max_len) == (content, seq_len, positions)
+  assert c.eval_stream and c.test_drop_last           # next batches of a stream; drop_last
+  assert c.black_is_padding == (task in ("image", "pathfinder"))
+  assert c.get("append_eos", False) is False
+  if task == "listops":
+    assert c.listops.tokens == "no_brackets"
   m = c.model
   assert (m.num_layers, m.emb_dim, m.mlp_dim, m.num_heads) == (2, 64, 128, 2)
   assert (m.positions, m.readout, m.init) == ("learned", "mean_padded", "torch")
   assert m.block == ("post_ln" if attention == "luna" else "pre_ln")   # Luna keeps its layer
   assert m.dropout == m.attention_dropout == m.activation_dropout == 0.1
   assert (m.classifier_dim, m.classifier_bias) == (128, True)
+  assert (m.performer.kernel, m.performer.form, m.performer.redraw) == (
+      "softmax", "nystromformer_lra", False)
+  assert m.performer.num_features == (128 if protocol == "skyformer" else 256)
   assert (c.learning_rate, c.weight_decay, c.adam_b1, c.adam_b2, c.adam_eps) == (
-      1e-4, 0.0, 0.9, 0.999, 1e-6)
+      lr, 0.0, 0.9, 0.999, 1e-6)
   assert c.schedule == "one_cycle" and c.one_cycle.cycle_momentum
+  sky = protocol == "skyformer"
+  assert (c.grad_clip, c.grad_clip_value, c.save_best_after) == (0.0, 1.0 if sky else 0.0,
+                                                                 0.2 if sky else 0.0)
   if task == "retrieval":
     assert m.retrieval_combine == "interact"
+
+
+def test_one_protocol_word_at_most():
+  with pytest.raises(ValueError, match="several protocols"):
+    get("listops", "softmax,small,skyformer")
 
 
 def test_small_protocol_luna_adds_only_p_and_pack_projections():
@@ -172,6 +199,7 @@ def test_protocol_names_and_overrides():
   assert get("listops", "luna,l=256,seed=3").protocol == "luna_paper"   # free knobs
   assert get("text", "softmax").protocol == "lra_reference"
   assert get("listops", "cheap_linear,small").protocol == "small"
+  assert get("listops", "luna,skyformer").protocol == "skyformer"
   assert get("listops", "quick").protocol == "quick"
   assert get("listops", "softmax,small,lr=3e-4").protocol == "custom"
   c = get("listops", "luna,small")

@@ -70,7 +70,8 @@ def test_generated_listops_data_dir_is_recorded_as_generated(tmp_path):
   prov = listops.load(make_config(data_dir=str(folder))).provenance
   assert prov == {"source": "generated", "generator": "lra_tasks.listops_generator",
                   "generator_version": 1, "settings": dataclasses.asdict(SMALL),
-                  "files": {n: sha256(folder / n) for n in listops.SPLIT_FILES.values()}}
+                  "files": {n: sha256(folder / n) for n in listops.SPLIT_FILES.values()},
+                  "tokens": "brackets"}
   assert listops.load(make_config()).provenance == prov     # the cached path: the same record
 
 

@@ -133,11 +133,15 @@ def test_read_tsv_same_rows_for_any_chunking_and_odd_spacing(tmp_path, monkeypat
   np.testing.assert_array_equal(whole[0][:30], [listops.tokenize(s, 80) for s, _ in small_set[:30]])
 
 
-def test_fast_reader_agrees_with_the_line_parser(small_set):
+@pytest.mark.parametrize("tokens", ["brackets", "no_brackets"])
+def test_fast_reader_agrees_with_the_line_parser(small_set, tokens):
   body = "".join(f"{s}\t{t}\n" for s, t in small_set[:20]).encode()
-  fast = listops._parse_chunk_fast(body, 80, np.int32)
+  fast = listops._parse_chunk_fast(body, 80, np.int32, tokens)
   assert fast is not None  # Plain official lines take the vectorized path.
-  np.testing.assert_array_equal(fast[0], [listops.tokenize(s, 80) for s, _ in small_set[:20]])
+  np.testing.assert_array_equal(fast[0],
+                                [listops.tokenize(s, 80, tokens) for s, _ in small_set[:20]])
+  np.testing.assert_array_equal(fast[2], [len(listops._split_tokens(s, tokens))
+                                          for s, _ in small_set[:20]])
   # Randomly damaged lines: whatever the fast path accepts, the line parser reads the same way.
   rng = np.random.default_rng(0)
   alphabet = b" ()[]MINAXEDS0123456789\t\r\nx"
@@ -147,10 +151,11 @@ def test_fast_reader_agrees_with_the_line_parser(small_set):
     for _ in range(2):
       line.insert(rng.integers(len(line) + 1), alphabet[rng.integers(len(alphabet))])
       del line[rng.integers(len(line))]
-    fast = listops._parse_chunk_fast(bytes(line) + b"\n", 80, np.int32)
+    fast = listops._parse_chunk_fast(bytes(line) + b"\n", 80, np.int32, tokens)
     if fast is not None:
       accepted += 1
-      rows = [listops._parse_line(part, "x", 80, np.int32) for part in bytes(line).split(b"\n")]
+      rows = [listops._parse_line(part, "x", 80, np.int32, tokens)
+              for part in bytes(line).split(b"\n")]
       rows = [r for r in rows if r is not None]
       np.testing.assert_array_equal(fast[0], [r for r, _ in rows])
       np.testing.assert_array_equal(fast[1], [t for _, t in rows])

@@ -134,7 +134,8 @@ def test_variants_select_best_validation_and_relative_speed(tmp_path):
 
 
 def test_published_rows_are_labelled_and_beside_their_protocol_only(tmp_path):
-  fake_run(tmp_path, "r", "listops", "luna")
+  fake_run(tmp_path, "r", "listops", "luna", data={"source": "official", "files": {},
+                                                   "tokens": "fairseq"})
   plain = results.write_report([str(tmp_path)], str(tmp_path / "plain"))
   assert all(r["source"] == "measured" for r in read_csv(plain["files"]["results.csv"]))
   assert "published:" not in open(plain["files"]["results.md"]).read()
@@ -175,7 +176,7 @@ def test_protocols_and_data_sources_never_share_a_table(tmp_path):
   runs = results.load_runs([str(tmp_path)])
   rows = results.aggregate(runs)
   assert len(rows) == 4 and all(r.selected for r in rows)      # four separate groups
-  md = results.markdown(runs, rows, str(tmp_path), True)
+  md = results.markdown(runs, rows, str(tmp_path), True).split("Published tables not shown")[0]
   sections = {s.split("\n")[0]: s for s in md.split("\n## ")[1:]}
   small_gen = next(v for k, v in sections.items() if k.startswith("small") and "generated" in k)
   small_off = next(v for k, v in sections.items() if k.startswith("small") and "official" in k)
@@ -184,8 +185,9 @@ def test_protocols_and_data_sources_never_share_a_table(tmp_path):
   assert "30.00†" in small_gen and "37.00" not in small_gen and "generated data" in small_gen
   assert "37.00 (n=1)" in small_off and "†" not in small_off.split("\n\n")[1]
   for sec in (small_gen, small_off):   # the small protocol's published rows, named
-    assert "published: Transformer [Skyformer" in sec and "LUNA (learned kernel)" in sec
-    assert "LRA Table 1" not in sec and "Luna paper" not in sec
+    assert "published: Transformer [Nystromformer paper" in sec
+    assert "LUNA (learned kernel) [LUNA learned kernel" in sec and "(protocol not stated)" in sec
+    assert "LRA Table 1" not in sec and "Luna paper" not in sec and "Skyformer paper" not in sec
   assert "90.00†" in quick and "published:" not in quick
   assert "36.00 (n=1)" in reference and "published: Transformer [LRA Table 1" in reference
   assert "Skyformer" not in reference
@@ -222,3 +224,39 @@ def test_cli_writes_files(tmp_path, capsys):
   assert sorted(os.listdir(tmp_path / "o")) == [
       "accuracy_lra_reference_official0.png", "curves_lra_reference_official0.png",
       "results.csv", "results.md", "runs.csv", "speed_accuracy_lra_reference_official0.png"]
+
+
+def test_published_rows_by_protocol_and_listops_token_set(tmp_path):
+  bracket_free = {"source": "official", "files": {"x.tsv": "0" * 64}, "tokens": "no_brackets"}
+  brackets = {"source": "official", "files": {"x.tsv": "0" * 64}, "tokens": "brackets"}
+  fake_run(tmp_path, "sky", "listops", "softmax", protocol="skyformer", data=bracket_free,
+           test=0.38)
+  fake_run(tmp_path, "small", "listops", "softmax", protocol="small", data=brackets, test=0.36)
+  runs = results.load_runs([str(tmp_path)])
+  md = results.markdown(runs, results.aggregate(runs), str(tmp_path), True)
+  sections = {s.split("\n")[0]: s for s in md.split("\n## ")[1:]}
+  sky = next(v for k, v in sections.items() if k.startswith("Skyformer protocol"))
+  small = next(v for k, v in sections.items() if k.startswith("small-model"))
+  assert "tokens no_brackets" in next(iter(k for k in sections if k.startswith("Skyformer")))
+  line = next(ln for ln in sky.splitlines() if "published: Self-Attention" in ln)
+  assert "| 38.37 |" in line and "| 61.95 |" in line     # same protocol, same token set
+  assert "Nystromformer paper" not in sky
+  unverified = next(ln for ln in sky.splitlines() if "Transformer (unverified)" in ln)
+  assert "(protocol not stated) (unverified)" in unverified
+  # Runs of the `brackets` token set: the bracket-free published ListOps cells are not shown.
+  line = next(ln for ln in small.splitlines() if "published: Transformer [Nystromformer" in ln)
+  assert "37.10" not in line and "65.02" in line
+  assert "its ListOps number is not shown" in small
+
+
+def test_verified_published_averages_are_the_means_of_their_rows():
+  """The tables read this session (Nystromformer, Skyformer): each Avg is its row's mean, so a
+  mistyped number fails here."""
+  from luna_jax.experiments import published as pub
+  for src in (pub.NYSTROMFORMER, pub.SKYFORMER):
+    for model, vals in pub.PUBLISHED[src].items():
+      tasks = TASKS5 if "avg5" in vals else TASKS5 + ("pathx",)
+      avg = vals.get("avg5", vals.get("avg6"))
+      nums = [vals[t] for t in tasks if isinstance(vals.get(t), float)]
+      if avg is not None and len(nums) == len(tasks):
+        assert abs(sum(nums) / len(nums) - avg) < 0.006, (src.name, model)
