@@ -53,8 +53,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.setup_console_logging(verbose=flags.FLAGS["verbosity"].present)
-  trainer.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   config = _CONFIG.value
+  try:
+    runtime.use_cpu_cores(config.batch_size)    # before JAX's CPU client exists
+  except ValueError as e:
+    _fail(str(e), 1)
+  trainer.maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
   with config.unlocked():
     common.mark_overrides(config, _dotted(overrides))

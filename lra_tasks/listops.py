@@ -408,9 +408,10 @@ def token_set(config: Any) -> str:
   return check_token_set(str((config.get("listops") or {}).get("tokens", "brackets")))
 
 
-def load(config: Any) -> TaskData:
-  """ListOps splits from config.data_dir, or from the generator when data_dir is empty. Rows
-  start with CLS when the model reads it out (`uses_cls`), else with the first symbol."""
+def load(config: Any, splits: Sequence[str] = tuple(SPLIT_FILES)) -> TaskData:
+  """ListOps `splits` (default: all three) from config.data_dir, or from the generator when
+  data_dir is empty; a folder needs only the files of the splits asked for. Rows start with CLS
+  when the model reads it out (`uses_cls`), else with the first symbol."""
   from lra_tasks import listops_generator  # pylint: disable=g-import-not-at-top
   settings = _settings(config)
   data_dir = config.data_dir or listops_generator.cached_data_dir(settings)
@@ -421,8 +422,9 @@ def load(config: Any) -> TaskData:
   # The reader writes CLS first; without CLS read one column more and drop it. At most
   # truncate_len symbols are kept, then zeros up to seq_len.
   width = min(truncate_len(config) or config.seq_len, config.seq_len - cls) + 1
+  files = {split: SPLIT_FILES[split] for split in splits}
   splits = {}
-  for split, name in SPLIT_FILES.items():
+  for split, name in files.items():
     inputs, targets = read_tsv(os.path.join(data_dir, name), width, np.uint8,
                                allow_truncation=bool(config.get("allow_truncation", True)),
                                tokens=tokens)
@@ -435,13 +437,13 @@ def load(config: Any) -> TaskData:
     splits[split] = grain.MapDataset.source(_Records(padded, targets))
   # Generated (the marker, or the cache this loader generated) or official; files hashed.
   provenance = data_provenance(
-      data_dir, [os.path.join(data_dir, n) for n in SPLIT_FILES.values()],
+      data_dir, [os.path.join(data_dir, n) for n in files.values()],
       generated=None if config.data_dir else listops_generator.generated_provenance(settings))
   provenance["tokens"] = tokens     # the token set is part of the data
   return TaskData(name="listops", splits=splits, vocab_size=vocab_size(tokens),
                   num_classes=NUM_CLASSES, seq_len=config.seq_len, pad_id=PAD_ID,
                   provenance=provenance,
-                  sources={s: os.path.join(data_dir, n) for s, n in SPLIT_FILES.items()})
+                  sources={s: os.path.join(data_dir, n) for s, n in files.items()})
 
 
 if __name__ == "__main__":

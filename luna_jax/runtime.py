@@ -1,5 +1,5 @@
-"""Process-level setup of a CPU host: the memory allocator, inline CPU dispatch; and what the
-host's CPU is.
+"""Process-level setup of a CPU host: the memory allocator, inline CPU dispatch, one XLA device
+per core; and what the host's CPU is.
 
 On Linux, glibc's malloc serves XLA's large temporary buffers with mmap and gives them back to
 the OS after every step, so the next step page-faults them in again. tcmalloc keeps them: on this
@@ -71,6 +71,42 @@ def cpu_dispatch() -> str:
   """"sync" or "async": how this process's JAX dispatches CPU computations."""
   import jax
   return "async" if jax.config.values["jax_cpu_enable_async_dispatch"] else "sync"
+
+
+DEVICES_ENV = "LUNA_JAX_CPU_DEVICES"
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_devices_choice = "not chosen (XLA's default: one CPU device)"
+
+
+def use_cpu_cores(batch_size: int) -> str:
+  """Splits each batch over one XLA host device per core (the small-protocol ListOps step ran
+  1.22-1.41x faster on 2 cores than on one device; benchmarks/RESULTS.md) when `batch_size`
+  divides by the count: LUNA_JAX_CPU_DEVICES=N asks for N devices, =1 keeps one; an XLA_FLAGS
+  that already sets the count wins. Call before JAX creates its CPU client (the first
+  computation); a GPU or TPU host is not affected (its default devices are the accelerators).
+  A resumed run may use another count: dropout masks are counter hashes, so the steps are the
+  same. Returns the choice, in words (also `cpu_devices_choice()`, recorded in results.json)."""
+  global _devices_choice
+  flags = os.environ.get("XLA_FLAGS", "")
+  wanted = os.environ.get(DEVICES_ENV, "")
+  if _DEVICE_FLAG in flags:
+    _devices_choice = "set by XLA_FLAGS"
+  elif wanted and (not wanted.isdigit() or int(wanted) < 1):
+    raise ValueError(f"{DEVICES_ENV}={wanted!r}: expected a device count >= 1")
+  else:
+    n = int(wanted) if wanted else (os.cpu_count() or 1)
+    if n > 1 and batch_size % n == 0:
+      os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
+      _devices_choice = f"{n} host devices ({DEVICES_ENV if wanted else 'one per core'})"
+    else:
+      _devices_choice = (f"one device ({DEVICES_ENV}=1)" if n == 1 else
+                         f"one device: batch {batch_size} does not divide by {n}")
+  return _devices_choice
+
+
+def cpu_devices_choice() -> str:
+  """How `use_cpu_cores` chose this process's CPU device count."""
+  return _devices_choice
 
 
 def cpu_model() -> str:

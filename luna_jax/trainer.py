@@ -323,7 +323,7 @@ def machine_description() -> dict[str, Any]:
           "num_processes": jax.process_count(), "cpu": runtime.cpu_model(),
           "cpu_count": os.cpu_count(),
           "jax": jax.__version__, "malloc": runtime.allocator(),
-          "cpu_dispatch": runtime.cpu_dispatch()}
+          "cpu_dispatch": runtime.cpu_dispatch(), "cpu_devices": runtime.cpu_devices_choice()}
 
 
 def _peak_memory_bytes() -> int | None:
@@ -372,8 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mesh = data_mesh()
   data_sh, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  key = jax.random.key(config.seed)
-  init_key, step_key = jax.random.split(key)
+  init_key, step_key = run_keys(config)
   programs = programs_of(config, cfg, mesh)
   abstract = programs.abstract
   state_sh = jax.tree.map(lambda _: repl, abstract)
@@ -424,19 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_train, p_eval = programs.train, programs.eval
 
     def evaluate(split: str, params: Any, step: int) -> dict[str, float]:
-      sums = None
-      batches = _eval_batches(config, task, split, step, buckets, lengths)
-      for batch in batches:
-        batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
-        batch["class_counts"] *= batch["weights"][:, None]
-        out = p_eval(params, _global(batch, data_sh), step_key, jnp.asarray(step))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-      sums = jax.device_get(sums)
-      count = max(float(sums["count"]), 1.0)
-      name = split_name(split)
-      return {f"{name}_loss": float(sums["loss"]) / count,
-              f"{name}_accuracy": float(sums["correct"]) / count,
-              f"{name}_majority_accuracy": float(sums["class_counts"].max()) / count}
+      return evaluate_split(config, task, p_eval, data_sh, split, params, step, step_key,
+                            buckets, lengths)
 
     stop = _StopFlag()
     stop.install()
@@ -598,6 +586,37 @@ def _length_buckets(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
   return buckets, lengths
 
 
+def evaluate_split(config: ml_collections.ConfigDict, task: lra_tasks.TaskData,
+                   eval_fn: Callable, data_sh: NamedSharding, split: str, params: Any,
+                   step: int, step_key: jax.Array, buckets: tuple[int, ...] = (),
+                   lengths: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """Loss, accuracy, majority-class rate and example count of `params` (made by `step`
+  updates) on `split`, read as `_eval_batches` says; `eval_fn` is `Programs.eval`."""
+  sums = None
+  for batch in _eval_batches(config, task, split, step, buckets, lengths or {}):
+    batch["class_counts"] = np.eye(task.num_classes, dtype=np.float32)[batch["targets"]]
+    batch["class_counts"] *= batch["weights"][:, None]
+    out = eval_fn(params, _global(batch, data_sh), step_key, jnp.asarray(step))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    raise ConfigError(f"the {split} split has {len(task.splits[split])} examples: not one "
+                      f"batch of config.batch_size={config.batch_size} to evaluate (the last "
+                      "partial batch is dropped with config.test_drop_last=true)")
+  sums = jax.device_get(sums)
+  count = max(float(sums["count"]), 1.0)
+  name = split_name(split)
+  return {f"{name}_loss": float(sums["loss"]) / count,
+          f"{name}_accuracy": float(sums["correct"]) / count,
+          f"{name}_majority_accuracy": float(sums["class_counts"].max()) / count,
+          f"{name}_examples": int(sums["count"])}
+
+
+def run_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """(initialisation key, key of the per-step randomness: dropout, random features) of a run."""
+  init_key, step_key = jax.random.split(jax.random.key(config.seed))
+  return init_key, step_key
+
+
 def _eval_batches(config: ml_collections.ConfigDict, task: lra_tasks.TaskData, split: str,
                   step: int, buckets: tuple[int, ...], lengths: dict[str, np.ndarray]
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -672,6 +691,8 @@ def _final_evaluation(ckpts: wd.Checkpoints, workdir: str, writer: metrics_lib.M
     if best_step == step:
       writer.write(step, val)
   test = evaluate("test", best_params, best_step)
+  if jax.process_index() == 0:
+    wd.write_params_file(workdir, best_params, best_step)
   writer.write(step, {**test, "test_at_step": best_step})
   progress.log(step, {**test, "best_step": float(best_step)})
   return {"best_val_accuracy": val["val_accuracy"], "best_step": best_step, **test}

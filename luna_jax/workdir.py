@@ -11,6 +11,9 @@ bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep an
   WORKDIR/checkpoints/<step>/     train state (`state`) + grain iterator (`data_iter`), orbax
   WORKDIR/checkpoints/corrupt-<step>/   an unreadable checkpoint, moved aside
   WORKDIR/best/<step>/            parameters of the best validation score (one step)
+  WORKDIR/best_params.msgpack     the parameters results.json was measured with and their
+                                  step (flax msgpack; small: committed beside results.json,
+                                  read by `load_params` and `python -m luna_jax.evaluate`)
   WORKDIR/tb/                     TensorBoard events
   WORKDIR/sweep.log               output of `luna_jax.experiments.sweep` runs
 
@@ -62,6 +65,7 @@ BEST_DIR = "best"
 TB_DIR = "tb"
 SWEEP_LOG_FILE = "sweep.log"
 INIT_FROM_FILE = "init_from.json"                  # what a converted run took from its source
+PARAMS_FILE = "best_params.msgpack"                # the tested parameters, one portable file
 CORRUPT_PREFIX = "corrupt-"
 STATE_ITEM, DATA_ITER_ITEM = "state", "data_iter"   # the items of a training checkpoint
 TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save folders
@@ -647,14 +651,44 @@ def _local_target(tree: Any) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
 
 
+def write_params_file(workdir: str, params: Any, step: int) -> str:
+  """WORKDIR/PARAMS_FILE: `params` (host arrays) and their step, written atomically."""
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  data = flax.serialization.msgpack_serialize(
+      {"step": int(step), "params": jax.tree.map(lambda a: jax.device_get(a), params)})
+  file = path(workdir, PARAMS_FILE)
+  tmp = f"{file}.{os.getpid()}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, file)
+  return file
+
+
+def read_params_file(folder: str) -> tuple[Any, int]:
+  """(params as numpy arrays, step) of FOLDER/PARAMS_FILE; FileNotFoundError if absent,
+  ValueError naming the file if it is not one."""
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  file = path(folder, PARAMS_FILE)
+  with open(file, "rb") as f:
+    raw = f.read()
+  try:
+    data = flax.serialization.msgpack_restore(raw)
+    return data["params"], int(data["step"])
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{file}: not a parameters file written by luna_jax "
+                     f"({type(e).__name__}: {_first_line(e)})") from None
+
+
 def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, params, step) of a train_and_evaluate workdir, on one local device whatever
-  topology saved them.
+  topology saved them; or of a committed results folder (config.json and PARAMS_FILE only).
 
   Args:
-    workdir: the training workdir.
-    which: "best" (WORKDIR/best/<step>, params only), "latest" (the newest training checkpoint
-      WORKDIR/checkpoints/<step>/state) or "auto" (best if present, else latest).
+    workdir: the training workdir, or a folder holding config.json and PARAMS_FILE.
+    which: "best" (WORKDIR/best/<step>, params only; else PARAMS_FILE), "latest" (the newest
+      training checkpoint WORKDIR/checkpoints/<step>/state) or "auto" (best if present, else
+      latest).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   if which not in ("auto", "best", "latest"):
@@ -676,5 +710,8 @@ def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.Confi
         restored = mngr.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(target)}))
         return config, restored[STATE_ITEM]["params"], step
-  raise FileNotFoundError(f"no {which} checkpoint under {workdir!r} (looked in {best_dir} and "
-                          f"{ckpt_dir})")
+  if which in ("auto", "best") and os.path.isfile(path(workdir, PARAMS_FILE)):
+    params, step = read_params_file(workdir)
+    return config, params, step
+  raise FileNotFoundError(f"no {which} checkpoint under {workdir!r} (looked in {best_dir}, "
+                          f"{ckpt_dir} and {PARAMS_FILE})")

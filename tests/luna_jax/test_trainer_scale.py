@@ -1,6 +1,7 @@
 """The trainer at scale: 1 vs 8 devices, two processes, kill-and-resume, SIGTERM, NaN guard."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from luna_jax import metrics as metrics_lib
-from luna_jax import trainer
+from luna_jax import runtime, trainer
 from tests import conftest
 from tests.conftest import REPO
 from tests.luna_jax.test_trainer import tiny_config
@@ -180,3 +181,38 @@ def test_precision_and_memory_options_train(tmp_path, option):
   tol = 1e-5 if option == "remat" else 5e-2
   np.testing.assert_allclose(l1, l0, rtol=tol, atol=tol)
   assert res["num_params"] == base["num_params"]
+
+
+def test_train_py_splits_the_batch_over_the_cores_and_resumes_exactly_on_another_count(
+    reference_run, tmp_path):
+  cache = os.environ["LUNA_JAX_CACHE"]
+  env = _env(None, cache)                  # no device count in XLA_FLAGS: train.py chooses
+  env.pop(runtime.DEVICES_ENV, None)
+  fresh = subprocess.run(_cmd(tmp_path / "fresh", 2, 2), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  cores = os.cpu_count() or 1
+  n = cores if 8 % cores == 0 else 1       # TINY's batch is 8
+  assert f"on {n} device(s)" in fresh.stdout
+  machine = json.loads((tmp_path / "fresh" / "results.json").read_text())["machine"]
+  assert machine["num_devices"] == n
+  assert machine["cpu_devices"] == (f"{n} host devices (one per core)" if n > 1 else
+                                    f"one device: batch 8 does not divide by {cores}")
+  # The 8-device reference run, resumed from its step-4 checkpoint on 4 devices: the same steps.
+  workdir = tmp_path / "resumed"
+  shutil.copytree(reference_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  r = subprocess.run(_cmd(workdir, 6, 2), cwd=REPO, env={**env, runtime.DEVICES_ENV: "4"},
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from step 4" in r.stdout
+  res = json.loads((workdir / "results.json").read_text())
+  assert res["machine"]["num_devices"] == 4
+  assert res["machine"]["cpu_devices"] == "4 host devices (LUNA_JAX_CPU_DEVICES)"
+  np.testing.assert_allclose(_train_losses(workdir), _train_losses(reference_run), rtol=1e-4,
+                             atol=1e-5)
+  bad = subprocess.run(_cmd(tmp_path / "bad", 2, 2), cwd=REPO,
+                       env={**env, runtime.DEVICES_ENV: "two"}, capture_output=True, text=True,
+                       timeout=600)
+  assert bad.returncode == 1 and "LUNA_JAX_CPU_DEVICES='two'" in bad.stderr
+  assert len(bad.stderr.strip().splitlines()) == 1
