@@ -306,7 +306,7 @@ def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation
   check_token_set(tokens)
   if not os.path.isfile(path):
     raise DataError(f"ListOps file {path} not found. {_DOWNLOAD_HELP}")
-  inputs, targets, lengths, lines = [], [], [], []
+  inputs, targets, lengths, lines, unbalanced = [], [], [], [], []
   with open(path, "rb") as f:
     raw_header = f.readline()
     if raw_header.startswith(b"\xef\xbb\xbf"):
@@ -344,6 +344,7 @@ def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation
                   np.array(numbers, np.int64))
         for out, part in zip((inputs, targets, lengths, lines), fast):
           out.append(part)
+        unbalanced.append(line_no + _unbalanced_lines(data))
         line_no += data.count(b"\n")
       if not block:
         break
@@ -352,8 +353,31 @@ def read_tsv(path: str, seq_len: int, dtype: Any = np.int32, *, allow_truncation
                     "'<source><TAB><target 0..9>'")
   _check_lengths(path, np.concatenate(lengths), np.concatenate(lines), seq_len - 1,
                  allow_truncation)
+  _report_unbalanced(path, np.concatenate(unbalanced), sum(len(t) for t in targets))
   return np.concatenate(inputs), np.concatenate(targets).astype(np.int32)
 
+
+def _unbalanced_lines(data: bytes) -> np.ndarray:
+  """Indices of the lines of `data` (whole lines, ending with a newline) whose operators and `]`,
+  or whose parentheses, do not pair up."""
+  raw = np.frombuffer(data, np.uint8)
+  ends = np.flatnonzero(raw == ord("\n"))
+
+  def per_line(char: str) -> np.ndarray:
+    line_of = np.searchsorted(ends, np.flatnonzero(raw == ord(char)))
+    return np.bincount(line_of, minlength=ends.size)
+
+  return np.flatnonzero((per_line("[") != per_line("]")) | (per_line("(") != per_line(")")))
+
+
+def _report_unbalanced(path: str, line_numbers: np.ndarray, num_rows: int) -> None:
+  """One counted warning for rows whose brackets do not balance (read as they are: such a row
+  is not a well-formed expression, so its label may not be its value)."""
+  if line_numbers.size:
+    log.warning("ListOps: %d of %d rows of %s have brackets that do not balance (first: line "
+                "%d): read as they are; their expressions are not well formed, so their labels "
+                "may not be their values", line_numbers.size, num_rows, path,
+                int(line_numbers[0]))
 
 def _check_lengths(path: str, lengths: np.ndarray, lines: np.ndarray, capacity: int,
                    allow_truncation: bool) -> None:

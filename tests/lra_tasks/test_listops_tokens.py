@@ -127,3 +127,24 @@ def test_a_resume_with_another_token_set_is_refused(tmp_path):
   changes = wd.config_changes(stored, c)
   assert [(ch.field, ch.old, ch.new, ch.kind) for ch in changes] == [
       ("listops.tokens", "brackets", "no_brackets", wd.MODEL_DATA)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])
+def test_rows_whose_brackets_do_not_balance_are_counted(tmp_path, monkeypatch, caplog,
+                                                        chunk_bytes):
+  monkeypatch.setattr(listops, "_CHUNK_BYTES", chunk_bytes)
+  rows = open(FIXTURE).read().splitlines()
+  rows[2] = rows[2].replace("] ) ) ] )", ") ) ] )", 1)         # a `]` removed from row 2
+  rows[3] = rows[3].replace("( ( ( ( (", "( ( ( (", 1)         # a `(` removed from row 3
+  path = tmp_path / "basic_test.tsv"
+  path.write_text("\n".join(rows) + "\n")
+  with caplog.at_level("WARNING", logger="lra_tasks.listops"):
+    inputs, _ = listops.read_tsv(str(path), 16)
+  assert len(inputs) == 3
+  warnings = [r.getMessage() for r in caplog.records if "do not balance" in r.getMessage()]
+  assert len(warnings) == 1
+  assert f"2 of 3 rows of {path} have brackets that do not balance (first: line 3)" in warnings[0]
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="lra_tasks.listops"):
+    listops.read_tsv(FIXTURE, 16)
+  assert not any("do not balance" in r.getMessage() for r in caplog.records)
