@@ -10,7 +10,9 @@ same metrics as any run): `converted` starts from the source's best checkpoint
 target from its usual initialisation for the same N steps. N = 0 evaluates the converted model as
 it is (no scratch run). Both use the source run's config (task, data, sizes,
 optimizer and schedule) with `model.attention` set to the target, `num_train_steps = N`, a warmup
-of min(source warmup, N / 4) steps and one validation at the end.
+of min(source warmup, N / 4) steps at the source's peak learning rate (under `rsqrt_lra`, whose
+peak is lr / sqrt(warmup), lr is scaled by sqrt(new warmup / source warmup)) and one validation
+at the end.
 
 Writes ROOT/conversion.md (table), ROOT/conversion.csv and ROOT/conversion.png: test accuracy
 recovered, converted / source (and scratch / source), against N.
@@ -41,6 +43,8 @@ def target_config(source: ml_collections.ConfigDict, target: str, steps: int,
     c.model.block = "post_ln"
   c.num_train_steps = steps
   c.warmup_steps = min(int(source.warmup_steps), max(steps // 4, 1))
+  if c.schedule == "rsqrt_lra":   # its peak is lr / sqrt(warmup): keep the source's peak
+    c.learning_rate = float(source.learning_rate) * (c.warmup_steps / source.warmup_steps)**0.5
   c.eval_every = max(steps, 1)
   c.checkpoint_every = max(steps, 1)
   c.init_from = init_from or ""

@@ -120,3 +120,17 @@ def test_study_reports_a_target_it_cannot_build_as_a_row(source, tmp_path):
   md = open(conversion.write_outputs(rows, str(tmp_path), source)["md"]).read()
   assert "- no_such_mechanism: not convertible" in md
   assert not os.path.exists(tmp_path / "no_such_mechanism")
+
+
+@pytest.mark.parametrize("schedule", ["rsqrt_lra", "inverse_sqrt", "one_cycle"])
+def test_short_fine_tunes_keep_the_source_peak_learning_rate(schedule):
+  from configs import listops as listops_config
+  src = listops_config.get_config("softmax,quick")
+  src.schedule, src.warmup_steps, src.num_train_steps = schedule, 150, 800
+  target = conversion.target_config(src, "linear_elu", 20, None)
+  assert target.warmup_steps == 5
+
+  def peak(c):
+    return max(float(trainer.learning_rate_schedule(c)(s)) for s in range(c.num_train_steps))
+
+  assert peak(target) == pytest.approx(peak(src), rel=1e-3)
