@@ -177,7 +177,12 @@ def keep_from_seeds(seeds: Array, shape: tuple[int, ...], rate: float) -> Array:
   size = 1
   for dim in shape:
     size *= dim
-  idx = lax.iota(jnp.uint32, size).reshape(shape)
+  return keep_at(seeds, lax.iota(jnp.uint32, size).reshape(shape), rate)
+
+
+def keep_at(seeds: Array, idx: Array, rate: float) -> Array:
+  """The keep bits of the mask of `seeds` at the flat (row-major, uint32) element indices `idx`:
+  a block of a mask computes exactly its slice of the whole mask."""
   bits = _fmix32(_fmix32(idx ^ seeds[0]) + seeds[1])
   return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 

@@ -1,0 +1,292 @@
+"""Softmax attention over blocks of keys (and queries) with an online softmax.
+
+`blocked_attention` computes what `common.softmax_attend` computes for softmax attention
+(float32 masked softmax of scale * Q K^T, attention dropout with the same hash masks, product
+with V) without building the [B, H, T, S] scores: a scan over key blocks keeps, per query row,
+the running max, the running sum of exponentials and the running weighted sum of values
+(flash-attention style). Memory is O(B H T_block S_block) per step instead of O(B H T S).
+
+Its custom VJP keeps only the output and, per query row, the max and the sum of exponentials;
+the backward pass recomputes each block's scores and probabilities from them.
+
+Same function as the XLA form, including its edge cases:
+* masked scores are float32's lowest value, as in `common.masked_softmax`, so a query row with no
+  visible key gets uniform weights over all S keys (masked ones included), as there;
+* the dropout keep bit of element (b, h, t, s) is the hash of its flat index in the [B, H, T, S]
+  mask (`common.keep_at`), so each block computes exactly its slice of the XLA form's mask;
+* blocks past the end of T or S (padding up to a whole block) weigh exactly nothing.
+A block whose scores are all masked for every row and batch element is skipped (causal blocks
+above the diagonal, key blocks that are padding in every example) unless some query row of the
+block sees no key at all (it needs every key, as above).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from luna_jax.attention import common
+
+Array = jax.Array
+_LOWEST = float(jnp.finfo(jnp.float32).min)   # a masked score, as in common.masked_softmax
+_NO_KEY = jnp.iinfo(jnp.int32).max             # first visible key of an example that has none
+
+
+class _Blocks(NamedTuple):
+  """Static description of one call: scale, causal, dropout rate, sizes and block sizes."""
+  scale: float
+  causal: bool
+  rate: float
+  t: int       # queries
+  s: int       # keys
+  bq: int      # queries per block
+  bk: int      # keys per block
+
+  @property
+  def nq(self) -> int:
+    return -(-self.t // self.bq)
+
+  @property
+  def nk(self) -> int:
+    return -(-self.s // self.bk)
+
+
+def blocked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
+                      key_mask_BxS: Array | None = None, *, scale: float, causal: bool = False,
+                      dropout_rate: float = 0.0, dropout_seeds: Array | None = None,
+                      block_size: int = 128, query_block_size: int = 0) -> Array:
+  """softmax(scale * Q K^T, masked) V per head, over blocks: o_BxTxHxK in v's dtype.
+
+  `key_mask_BxS`: True = attend. `causal`: query t sees keys s <= t. `dropout_seeds` (from
+  `common.Dropout(rate).seeds()`) turns on attention dropout with the masks of the XLA form.
+  `block_size` keys and `query_block_size` queries (0: all T) per step."""
+  if block_size < 1 or query_block_size < 0:
+    raise ValueError(f"block_size={block_size} must be >= 1, query_block_size="
+                     f"{query_block_size} >= 0")
+  t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+  rate = float(dropout_rate) if dropout_seeds is not None else 0.0
+  if rate >= 1.0:
+    raise ValueError(f"dropout_rate={dropout_rate} must be < 1")
+  cfg = _Blocks(float(scale), bool(causal), rate, t, s, min(query_block_size or t, t),
+                min(block_size, s))
+  mask = None if key_mask_BxS is None else key_mask_BxS.astype(bool)
+  return _attention(cfg, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask,
+                    dropout_seeds if rate > 0.0 else None)
+
+
+# ------------------------------------------------------------------------------- layouts
+
+
+def _to_blocks(x_BxNxHxK: Array, block: int, num: int) -> Array:
+  """[B, N, H, K] -> [num, B, H, block, K], zero-padded to num * block rows."""
+  b, n, h, k = x_BxNxHxK.shape
+  x = jnp.pad(x_BxNxHxK, ((0, 0), (0, num * block - n), (0, 0), (0, 0)))
+  return x.reshape(b, num, block, h, k).transpose(1, 0, 3, 2, 4)
+
+
+def _from_blocks(x_MxBxHxCxK: Array, n: int) -> Array:
+  """[num, B, H, block, K] -> [B, n, H, K] (padding rows dropped)."""
+  m, b, h, c, k = x_MxBxHxCxK.shape
+  return x_MxBxHxCxK.transpose(1, 0, 3, 2, 4).reshape(b, m * c, h, k)[:, :n]
+
+
+def _rows_to_blocks(x_BxHxT: Array, cfg: _Blocks) -> Array:
+  """Per-row statistics [B, H, T] -> [nq, B, H, bq]."""
+  b, h, _ = x_BxHxT.shape
+  x = jnp.pad(x_BxHxT, ((0, 0), (0, 0), (0, cfg.nq * cfg.bq - cfg.t)))
+  return x.reshape(b, h, cfg.nq, cfg.bq).transpose(2, 0, 1, 3)
+
+
+class _KeyBlocks(NamedTuple):
+  """What a step over key block j reads (the xs of the scans), leading axis nk."""
+  k: Array          # [nk, B, H, bk, K]
+  v: Array          # [nk, B, H, bk, K]
+  mask: Array | None  # [nk, B, bk] (False past S)
+  any: Array        # [nk, bk]: some example attends to this key
+  j: Array          # [nk] block index
+
+
+def _key_blocks(cfg: _Blocks, k: Array, v: Array, mask_BxS: Array | None) -> _KeyBlocks:
+  b = k.shape[0]
+  in_range_S = jnp.arange(cfg.nk * cfg.bk) < cfg.s
+  mask_blocks = None
+  any_S = in_range_S
+  if mask_BxS is not None:
+    padded_BxS = jnp.pad(mask_BxS, ((0, 0), (0, cfg.nk * cfg.bk - cfg.s)))
+    mask_blocks = padded_BxS.reshape(b, cfg.nk, cfg.bk).transpose(1, 0, 2)
+    any_S = padded_BxS.any(0)
+  return _KeyBlocks(_to_blocks(k, cfg.bk, cfg.nk), _to_blocks(v, cfg.bk, cfg.nk), mask_blocks,
+                    any_S.reshape(cfg.nk, cfg.bk), jnp.arange(cfg.nk))
+
+
+def _blind_query_blocks(cfg: _Blocks, mask_BxS: Array | None) -> Array:
+  """[nq] bool: the query block holds a row (t < T) of some example that sees no key."""
+  if mask_BxS is None:
+    first_B = jnp.zeros((1,), jnp.int32)
+  else:
+    first_B = jnp.where(mask_BxS.any(-1), jnp.argmax(mask_BxS, -1).astype(jnp.int32), _NO_KEY)
+  starts = jnp.arange(cfg.nq) * cfg.bq
+  if cfg.causal:   # row t sees no key iff t < first visible key
+    return starts < first_B.max()
+  return jnp.broadcast_to((first_B == _NO_KEY).any(), (cfg.nq,))
+
+
+# ------------------------------------------------------------------------------- one tile
+
+
+def _unless_skipped(cfg: _Blocks, tile, skip, carry, kb: _KeyBlocks, i: Array, blind: Array):
+  """tile(carry, kb), or skip(carry, kb) when tile (query block i, key block j) has no visible
+  score for any row and example and no row of the query block is blind."""
+  if not cfg.causal and kb.mask is None:
+    return tile(carry, kb)
+  key_any = kb.any
+  if cfg.causal:
+    last_row = jnp.minimum((i + 1) * cfg.bq, cfg.t) - 1
+    key_any = key_any & (kb.j * cfg.bk + jnp.arange(cfg.bk) <= last_row)
+  return lax.cond(key_any.any() | blind, tile, skip, carry, kb)
+
+
+def _keep(cfg: _Blocks, kb: _KeyBlocks, i: Array) -> Array | None:
+  """[B|1, 1, bq, bk] bool: visible scores of the tile (None: all)."""
+  keep = None
+  if kb.mask is not None:
+    keep = kb.mask[:, None, None, :]
+  if cfg.causal:
+    rows = i * cfg.bq + jnp.arange(cfg.bq)
+    cols = kb.j * cfg.bk + jnp.arange(cfg.bk)
+    causal = (cols[None, :] <= rows[:, None])[None, None]
+    keep = causal if keep is None else keep & causal
+  return keep
+
+
+def _scores(cfg: _Blocks, q_BxHxQxK: Array, kb: _KeyBlocks, keep: Array | None) -> Array:
+  """Float32 masked scores of the tile; keys past S are -inf (they weigh nothing even in a row
+  that sees no key, where masked keys weigh as much as any)."""
+  s = jnp.einsum("bhqk,bhck->bhqc", q_BxHxQxK, kb.k,
+                 preferred_element_type=jnp.float32) * cfg.scale
+  if keep is not None:
+    s = jnp.where(keep, s, _LOWEST)
+  if cfg.nk * cfg.bk > cfg.s:
+    cols = kb.j * cfg.bk + jnp.arange(cfg.bk)
+    s = jnp.where(cols < cfg.s, s, -jnp.inf)
+  return s
+
+
+def _dropout_scale(cfg: _Blocks, seeds: Array, shape: tuple[int, ...], i: Array, j: Array
+                   ) -> Array:
+  """[B, H, bq, bk] float32: 1/(1-rate) where the XLA form's [B, H, T, S] mask keeps, else 0."""
+  b_, h_, t_, s_ = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(4))
+  rows = t_ + (i * cfg.bq).astype(jnp.uint32)
+  cols = s_ + (j * cfg.bk).astype(jnp.uint32)
+  idx = ((b_ * jnp.uint32(shape[1]) + h_) * jnp.uint32(cfg.t) + rows) * jnp.uint32(cfg.s) + cols
+  keep = common.keep_at(seeds, idx, cfg.rate)
+  return jnp.where(keep, jnp.float32(1.0 / (1.0 - cfg.rate)), jnp.float32(0.0))
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+def _forward_query_block(cfg: _Blocks, kb_all: _KeyBlocks, seeds: Array | None, q_BxHxQxK: Array,
+                         i: Array, blind: Array) -> tuple[Array, Array, Array]:
+  """(output [B, H, bq, K] float32, row max [B, H, bq], row sum of exp [B, H, bq])."""
+  b, h, bq, _ = q_BxHxQxK.shape
+  kdim = kb_all.v.shape[-1]
+
+  def tile(carry, kb: _KeyBlocks):
+    m, l, acc = carry
+    keep = _keep(cfg, kb, i)
+    s = _scores(cfg, q_BxHxQxK, kb, keep)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1)
+    if seeds is not None:
+      p = p * _dropout_scale(cfg, seeds, s.shape, i, kb.j)
+    pv = jnp.einsum("bhqc,bhck->bhqk", p.astype(kb.v.dtype), kb.v,
+                    preferred_element_type=jnp.float32)
+    return m_new, l, alpha[..., None] * acc + pv
+
+  def step(carry, kb: _KeyBlocks):
+    return _unless_skipped(cfg, tile, lambda c, _: c, carry, kb, i, blind), None
+
+  init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
+          jnp.zeros((b, h, bq, kdim), jnp.float32))
+  (m, l, acc), _ = lax.scan(step, init, kb_all)
+  return acc / l[..., None], m, l
+
+
+def _forward(cfg: _Blocks, q, k, v, mask, seeds):
+  kb = _key_blocks(cfg, k, v, mask)
+  blind = _blind_query_blocks(cfg, mask)
+  q_blocks = _to_blocks(q, cfg.bq, cfg.nq)
+  o, m, l = lax.map(lambda xs: _forward_query_block(cfg, kb, seeds, *xs),
+                    (q_blocks, jnp.arange(cfg.nq), blind))
+  return _from_blocks(o, cfg.t).astype(v.dtype), (m, l)   # m, l: [nq, B, H, bq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Blocks, q: Array, k: Array, v: Array, mask: Array | None,
+               seeds: Array | None) -> Array:
+  return _forward(cfg, q, k, v, mask, seeds)[0]
+
+
+def _attention_fwd(cfg, q, k, v, mask, seeds):
+  o, (m, l) = _forward(cfg, q, k, v, mask, seeds)
+  return o, (q, k, v, mask, seeds, o, m, l)
+
+
+# ------------------------------------------------------------------------------- backward
+
+
+def _attention_bwd(cfg, res, g_BxTxHxK):
+  q, k, v, mask, seeds, o, m, l = res
+  kb = _key_blocks(cfg, k, v, mask)
+  blind = _blind_query_blocks(cfg, mask)
+  # sum_s a_ts dA_ts = sum_k dO_tk O_tk (dropout included: O is the dropped output)
+  d_BxHxT = jnp.einsum("bthk,bthk->bht", g_BxTxHxK.astype(jnp.float32), o.astype(jnp.float32))
+  g = g_BxTxHxK.astype(v.dtype)
+
+  def query_block(dkv, xs):
+    q_i, g_i, m_i, l_i, d_i, i, blind_i = xs
+
+    def tile(dq, kb: _KeyBlocks):
+      keep = _keep(cfg, kb, i)
+      s = _scores(cfg, q_i, kb, keep)
+      y = jnp.exp(s - m_i[..., None]) / l_i[..., None]            # softmax weights
+      da = jnp.einsum("bhqk,bhck->bhqc", g_i, kb.v, preferred_element_type=jnp.float32)
+      a = y
+      if seeds is not None:
+        z = _dropout_scale(cfg, seeds, s.shape, i, kb.j)
+        a, da = y * z, da * z                                     # dropout is its own transpose
+      dv = jnp.einsum("bhqc,bhqk->bhck", a.astype(g_i.dtype), g_i,
+                      preferred_element_type=jnp.float32)
+      ds = y * (da - d_i[..., None])
+      if keep is not None:
+        ds = jnp.where(keep, ds, 0.0)
+      ds = (ds * cfg.scale).astype(q_i.dtype)
+      dq = dq + jnp.einsum("bhqc,bhck->bhqk", ds, kb.k, preferred_element_type=jnp.float32)
+      dk = jnp.einsum("bhqc,bhqk->bhck", ds, q_i, preferred_element_type=jnp.float32)
+      return dq, (dk, dv)
+
+    def skip(dq, kb: _KeyBlocks):
+      zeros = jnp.zeros(kb.k.shape, jnp.float32)
+      return dq, (zeros, zeros)
+
+    def step(dq, kb: _KeyBlocks):
+      return _unless_skipped(cfg, tile, skip, dq, kb, i, blind_i)
+
+    dq, (dk, dv) = lax.scan(step, jnp.zeros(q_i.shape, jnp.float32), kb)
+    return (dkv[0] + dk, dkv[1] + dv), dq
+
+  zeros = jnp.zeros(kb.k.shape, jnp.float32)
+  xs = (_to_blocks(q, cfg.bq, cfg.nq), _to_blocks(g, cfg.bq, cfg.nq), m, l,
+        _rows_to_blocks(d_BxHxT, cfg), jnp.arange(cfg.nq), blind)
+  (dk, dv), dq = lax.scan(query_block, (zeros, zeros), xs)
+  return (_from_blocks(dq, cfg.t).astype(q.dtype), _from_blocks(dk, cfg.s).astype(k.dtype),
+          _from_blocks(dv, cfg.s).astype(v.dtype), None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
