@@ -4,7 +4,9 @@
 (float32 masked softmax of scale * Q K^T, attention dropout with the same hash masks, product
 with V) without building the [B, H, T, S] scores: a scan over key blocks keeps, per query row,
 the running max, the running sum of exponentials and the running weighted sum of values
-(flash-attention style). Memory is O(B H T_block S_block) per step instead of O(B H T S).
+(flash-attention style). The loops run over examples, query blocks and key blocks, so one step
+holds O(H T_block S_block) scores, and the whole call O(B H T K) besides its inputs, instead of
+O(B H T S).
 
 Its custom VJP keeps only the output and, per query row, the max and the sum of exponentials;
 the backward pass recomputes each block's scores and probabilities from them.
@@ -15,9 +17,9 @@ Same function as the XLA form, including its edge cases:
 * the dropout keep bit of element (b, h, t, s) is the hash of its flat index in the [B, H, T, S]
   mask (`common.keep_at`), so each block computes exactly its slice of the XLA form's mask;
 * blocks past the end of T or S (padding up to a whole block) weigh exactly nothing.
-A block whose scores are all masked for every row and batch element is skipped (causal blocks
-above the diagonal, key blocks that are padding in every example) unless some query row of the
-block sees no key at all (it needs every key, as above).
+A block whose scores are all masked for its example is skipped (causal blocks above the
+diagonal; key blocks past an example's length, so a padded batch costs in proportion to its real
+keys) unless some query row of the block sees no key at all (it needs every key, as above).
 """
 from __future__ import annotations
 
@@ -81,92 +83,79 @@ def blocked_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
 
 
 def _to_blocks(x_BxNxHxK: Array, block: int, num: int) -> Array:
-  """[B, N, H, K] -> [num, B, H, block, K], zero-padded to num * block rows."""
+  """[B, N, H, K] -> [B, num, H, block, K], zero-padded to num * block rows."""
   b, n, h, k = x_BxNxHxK.shape
   x = jnp.pad(x_BxNxHxK, ((0, 0), (0, num * block - n), (0, 0), (0, 0)))
-  return x.reshape(b, num, block, h, k).transpose(1, 0, 3, 2, 4)
+  return x.reshape(b, num, block, h, k).transpose(0, 1, 3, 2, 4)
 
 
-def _from_blocks(x_MxBxHxCxK: Array, n: int) -> Array:
-  """[num, B, H, block, K] -> [B, n, H, K] (padding rows dropped)."""
-  m, b, h, c, k = x_MxBxHxCxK.shape
-  return x_MxBxHxCxK.transpose(1, 0, 3, 2, 4).reshape(b, m * c, h, k)[:, :n]
-
-
-def _rows_to_blocks(x_BxHxT: Array, cfg: _Blocks) -> Array:
-  """Per-row statistics [B, H, T] -> [nq, B, H, bq]."""
-  b, h, _ = x_BxHxT.shape
-  x = jnp.pad(x_BxHxT, ((0, 0), (0, 0), (0, cfg.nq * cfg.bq - cfg.t)))
-  return x.reshape(b, h, cfg.nq, cfg.bq).transpose(2, 0, 1, 3)
+def _from_blocks(x_BxMxHxCxK: Array, n: int) -> Array:
+  """[B, num, H, block, K] -> [B, n, H, K] (padding rows dropped)."""
+  b, m, h, c, k = x_BxMxHxCxK.shape
+  return x_BxMxHxCxK.transpose(0, 1, 3, 2, 4).reshape(b, m * c, h, k)[:, :n]
 
 
 class _KeyBlocks(NamedTuple):
-  """What a step over key block j reads (the xs of the scans), leading axis nk."""
-  k: Array          # [nk, B, H, bk, K]
-  v: Array          # [nk, B, H, bk, K]
-  mask: Array | None  # [nk, B, bk] (False past S)
-  any: Array        # [nk, bk]: some example attends to this key
-  j: Array          # [nk] block index
+  """One example's keys by block (the xs of the scans over key blocks), leading axis nk."""
+  k: Array            # [nk, H, bk, K]
+  v: Array            # [nk, H, bk, K]
+  mask: Array | None  # [nk, bk] (False past S)
+  j: Array            # [nk] block index
 
 
-def _key_blocks(cfg: _Blocks, k: Array, v: Array, mask_BxS: Array | None) -> _KeyBlocks:
-  b = k.shape[0]
-  in_range_S = jnp.arange(cfg.nk * cfg.bk) < cfg.s
-  mask_blocks = None
-  any_S = in_range_S
-  if mask_BxS is not None:
-    padded_BxS = jnp.pad(mask_BxS, ((0, 0), (0, cfg.nk * cfg.bk - cfg.s)))
-    mask_blocks = padded_BxS.reshape(b, cfg.nk, cfg.bk).transpose(1, 0, 2)
-    any_S = padded_BxS.any(0)
-  return _KeyBlocks(_to_blocks(k, cfg.bk, cfg.nk), _to_blocks(v, cfg.bk, cfg.nk), mask_blocks,
-                    any_S.reshape(cfg.nk, cfg.bk), jnp.arange(cfg.nk))
-
-
-def _blind_query_blocks(cfg: _Blocks, mask_BxS: Array | None) -> Array:
-  """[nq] bool: the query block holds a row (t < T) of some example that sees no key."""
+def _mask_blocks(cfg: _Blocks, mask_BxS: Array | None) -> Array | None:
+  """[B, S] -> [B, nk, bk], False past S."""
   if mask_BxS is None:
-    first_B = jnp.zeros((1,), jnp.int32)
-  else:
-    first_B = jnp.where(mask_BxS.any(-1), jnp.argmax(mask_BxS, -1).astype(jnp.int32), _NO_KEY)
-  starts = jnp.arange(cfg.nq) * cfg.bq
-  if cfg.causal:   # row t sees no key iff t < first visible key
-    return starts < first_B.max()
-  return jnp.broadcast_to((first_B == _NO_KEY).any(), (cfg.nq,))
+    return None
+  padded = jnp.pad(mask_BxS, ((0, 0), (0, cfg.nk * cfg.bk - cfg.s)))
+  return padded.reshape(-1, cfg.nk, cfg.bk)
+
+
+def _first_visible(mask_BxS: Array | None, batch: int) -> Array:
+  """[B] int32: each example's first key to attend to (_NO_KEY: none)."""
+  if mask_BxS is None:
+    return jnp.zeros((batch,), jnp.int32)
+  return jnp.where(mask_BxS.any(-1), jnp.argmax(mask_BxS, -1).astype(jnp.int32), _NO_KEY)
+
+
+def _blind(cfg: _Blocks, first: Array, i: Array) -> Array:
+  """Whether query block i of an example whose first visible key is `first` holds a row that
+  sees no key."""
+  if cfg.causal:   # row t sees no key iff t < first
+    return i * cfg.bq < first
+  return first == _NO_KEY
 
 
 # ------------------------------------------------------------------------------- one tile
 
 
 def _unless_skipped(cfg: _Blocks, tile, skip, carry, kb: _KeyBlocks, i: Array, blind: Array):
-  """tile(carry, kb), or skip(carry, kb) when tile (query block i, key block j) has no visible
-  score for any row and example and no row of the query block is blind."""
+  """tile(carry, kb), or skip(carry, kb) when tile (query block i, key block j) of the example
+  has no visible score and no row of the query block is blind."""
   if not cfg.causal and kb.mask is None:
     return tile(carry, kb)
-  key_any = kb.any
+  cols = kb.j * cfg.bk + jnp.arange(cfg.bk)
+  visible = cols < cfg.s if kb.mask is None else kb.mask
   if cfg.causal:
-    last_row = jnp.minimum((i + 1) * cfg.bq, cfg.t) - 1
-    key_any = key_any & (kb.j * cfg.bk + jnp.arange(cfg.bk) <= last_row)
-  return lax.cond(key_any.any() | blind, tile, skip, carry, kb)
+    visible = visible & (cols <= jnp.minimum((i + 1) * cfg.bq, cfg.t) - 1)
+  return lax.cond(visible.any() | blind, tile, skip, carry, kb)
 
 
 def _keep(cfg: _Blocks, kb: _KeyBlocks, i: Array) -> Array | None:
-  """[B|1, 1, bq, bk] bool: visible scores of the tile (None: all)."""
-  keep = None
-  if kb.mask is not None:
-    keep = kb.mask[:, None, None, :]
+  """[1|H, bq|1, bk] bool: visible scores of the tile (None: all)."""
+  keep = None if kb.mask is None else kb.mask[None, None, :]
   if cfg.causal:
     rows = i * cfg.bq + jnp.arange(cfg.bq)
     cols = kb.j * cfg.bk + jnp.arange(cfg.bk)
-    causal = (cols[None, :] <= rows[:, None])[None, None]
+    causal = (cols[None, :] <= rows[:, None])[None]
     keep = causal if keep is None else keep & causal
   return keep
 
 
-def _scores(cfg: _Blocks, q_BxHxQxK: Array, kb: _KeyBlocks, keep: Array | None) -> Array:
-  """Float32 masked scores of the tile; keys past S are -inf (they weigh nothing even in a row
-  that sees no key, where masked keys weigh as much as any)."""
-  s = jnp.einsum("bhqk,bhck->bhqc", q_BxHxQxK, kb.k,
-                 preferred_element_type=jnp.float32) * cfg.scale
+def _scores(cfg: _Blocks, q_HxQxK: Array, kb: _KeyBlocks, keep: Array | None) -> Array:
+  """Float32 masked scores [H, bq, bk] of the tile; keys past S are -inf (they weigh nothing
+  even in a row that sees no key, where masked keys weigh as much as any)."""
+  s = jnp.einsum("hqk,hck->hqc", q_HxQxK, kb.k, preferred_element_type=jnp.float32) * cfg.scale
   if keep is not None:
     s = jnp.where(keep, s, _LOWEST)
   if cfg.nk * cfg.bk > cfg.s:
@@ -175,13 +164,15 @@ def _scores(cfg: _Blocks, q_BxHxQxK: Array, kb: _KeyBlocks, keep: Array | None) 
   return s
 
 
-def _dropout_scale(cfg: _Blocks, seeds: Array, shape: tuple[int, ...], i: Array, j: Array
+def _dropout_scale(cfg: _Blocks, seeds: Array, heads: int, b: Array, i: Array, j: Array
                    ) -> Array:
-  """[B, H, bq, bk] float32: 1/(1-rate) where the XLA form's [B, H, T, S] mask keeps, else 0."""
-  b_, h_, t_, s_ = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(4))
+  """[H, bq, bk] float32: 1/(1-rate) where the XLA form's [B, H, T, S] mask keeps, else 0."""
+  shape = (heads, cfg.bq, cfg.bk)
+  h_, t_, s_ = (lax.broadcasted_iota(jnp.uint32, shape, d) for d in range(3))
   rows = t_ + (i * cfg.bq).astype(jnp.uint32)
   cols = s_ + (j * cfg.bk).astype(jnp.uint32)
-  idx = ((b_ * jnp.uint32(shape[1]) + h_) * jnp.uint32(cfg.t) + rows) * jnp.uint32(cfg.s) + cols
+  bh = b.astype(jnp.uint32) * jnp.uint32(heads) + h_
+  idx = (bh * jnp.uint32(cfg.t) + rows) * jnp.uint32(cfg.s) + cols
   keep = common.keep_at(seeds, idx, cfg.rate)
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - cfg.rate)), jnp.float32(0.0))
 
@@ -189,42 +180,48 @@ def _dropout_scale(cfg: _Blocks, seeds: Array, shape: tuple[int, ...], i: Array,
 # ------------------------------------------------------------------------------- forward
 
 
-def _forward_query_block(cfg: _Blocks, kb_all: _KeyBlocks, seeds: Array | None, q_BxHxQxK: Array,
-                         i: Array, blind: Array) -> tuple[Array, Array, Array]:
-  """(output [B, H, bq, K] float32, row max [B, H, bq], row sum of exp [B, H, bq])."""
-  b, h, bq, _ = q_BxHxQxK.shape
-  kdim = kb_all.v.shape[-1]
+def _forward_query_block(cfg: _Blocks, keys: _KeyBlocks, seeds: Array | None, q_HxQxK: Array,
+                         b: Array, i: Array, blind: Array) -> tuple[Array, Array, Array]:
+  """(output [H, bq, K] float32, row max [H, bq], row sum of exp [H, bq]) of one example's
+  query block."""
+  h, bq, _ = q_HxQxK.shape
 
   def tile(carry, kb: _KeyBlocks):
     m, l, acc = carry
-    keep = _keep(cfg, kb, i)
-    s = _scores(cfg, q_BxHxQxK, kb, keep)
+    s = _scores(cfg, q_HxQxK, kb, _keep(cfg, kb, i))
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.exp(s - m_new[..., None])
     alpha = jnp.exp(m - m_new)
     l = alpha * l + p.sum(-1)
     if seeds is not None:
-      p = p * _dropout_scale(cfg, seeds, s.shape, i, kb.j)
-    pv = jnp.einsum("bhqc,bhck->bhqk", p.astype(kb.v.dtype), kb.v,
+      p = p * _dropout_scale(cfg, seeds, h, b, i, kb.j)
+    pv = jnp.einsum("hqc,hck->hqk", p.astype(kb.v.dtype), kb.v,
                     preferred_element_type=jnp.float32)
     return m_new, l, alpha[..., None] * acc + pv
 
   def step(carry, kb: _KeyBlocks):
     return _unless_skipped(cfg, tile, lambda c, _: c, carry, kb, i, blind), None
 
-  init = (jnp.full((b, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, bq), jnp.float32),
-          jnp.zeros((b, h, bq, kdim), jnp.float32))
-  (m, l, acc), _ = lax.scan(step, init, kb_all)
+  init = (jnp.full((h, bq), -jnp.inf, jnp.float32), jnp.zeros((h, bq), jnp.float32),
+          jnp.zeros((h, bq, keys.v.shape[-1]), jnp.float32))
+  (m, l, acc), _ = lax.scan(step, init, keys)
   return acc / l[..., None], m, l
 
 
 def _forward(cfg: _Blocks, q, k, v, mask, seeds):
-  kb = _key_blocks(cfg, k, v, mask)
-  blind = _blind_query_blocks(cfg, mask)
-  q_blocks = _to_blocks(q, cfg.bq, cfg.nq)
-  o, m, l = lax.map(lambda xs: _forward_query_block(cfg, kb, seeds, *xs),
-                    (q_blocks, jnp.arange(cfg.nq), blind))
-  return _from_blocks(o, cfg.t).astype(v.dtype), (m, l)   # m, l: [nq, B, H, bq]
+  batch = q.shape[0]
+
+  def example(xs):
+    q_b, k_b, v_b, mask_b, first, b = xs
+    keys = _KeyBlocks(k_b, v_b, mask_b, jnp.arange(cfg.nk))
+    return lax.map(lambda x: _forward_query_block(cfg, keys, seeds, x[0], b, x[1],
+                                                  _blind(cfg, first, x[1])),
+                   (q_b, jnp.arange(cfg.nq)))
+
+  o, m, l = lax.map(example, (_to_blocks(q, cfg.bq, cfg.nq), _to_blocks(k, cfg.bk, cfg.nk),
+                              _to_blocks(v, cfg.bk, cfg.nk), _mask_blocks(cfg, mask),
+                              _first_visible(mask, batch), jnp.arange(batch)))
+  return _from_blocks(o, cfg.t).astype(v.dtype), (m, l)   # m, l: [B, nq, H, bq]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -241,34 +238,32 @@ def _attention_fwd(cfg, q, k, v, mask, seeds):
 # ------------------------------------------------------------------------------- backward
 
 
-def _attention_bwd(cfg, res, g_BxTxHxK):
-  q, k, v, mask, seeds, o, m, l = res
-  kb = _key_blocks(cfg, k, v, mask)
-  blind = _blind_query_blocks(cfg, mask)
-  # sum_s a_ts dA_ts = sum_k dO_tk O_tk (dropout included: O is the dropped output)
-  d_BxHxT = jnp.einsum("bthk,bthk->bht", g_BxTxHxK.astype(jnp.float32), o.astype(jnp.float32))
-  g = g_BxTxHxK.astype(v.dtype)
+def _backward_example(cfg: _Blocks, seeds: Array | None, xs):
+  """dq [nq, H, bq, K], dk and dv [nk, H, bk, K] (float32) of one example."""
+  q_b, g_b, m_b, l_b, d_b, k_b, v_b, mask_b, first, b = xs
+  keys = _KeyBlocks(k_b, v_b, mask_b, jnp.arange(cfg.nk))
+  h = q_b.shape[1]
 
   def query_block(dkv, xs):
-    q_i, g_i, m_i, l_i, d_i, i, blind_i = xs
+    q_i, g_i, m_i, l_i, d_i, i = xs
 
     def tile(dq, kb: _KeyBlocks):
       keep = _keep(cfg, kb, i)
       s = _scores(cfg, q_i, kb, keep)
       y = jnp.exp(s - m_i[..., None]) / l_i[..., None]            # softmax weights
-      da = jnp.einsum("bhqk,bhck->bhqc", g_i, kb.v, preferred_element_type=jnp.float32)
+      da = jnp.einsum("hqk,hck->hqc", g_i, kb.v, preferred_element_type=jnp.float32)
       a = y
       if seeds is not None:
-        z = _dropout_scale(cfg, seeds, s.shape, i, kb.j)
+        z = _dropout_scale(cfg, seeds, h, b, i, kb.j)
         a, da = y * z, da * z                                     # dropout is its own transpose
-      dv = jnp.einsum("bhqc,bhqk->bhck", a.astype(g_i.dtype), g_i,
+      dv = jnp.einsum("hqc,hqk->hck", a.astype(g_i.dtype), g_i,
                       preferred_element_type=jnp.float32)
       ds = y * (da - d_i[..., None])
       if keep is not None:
         ds = jnp.where(keep, ds, 0.0)
       ds = (ds * cfg.scale).astype(q_i.dtype)
-      dq = dq + jnp.einsum("bhqc,bhck->bhqk", ds, kb.k, preferred_element_type=jnp.float32)
-      dk = jnp.einsum("bhqc,bhqk->bhck", ds, q_i, preferred_element_type=jnp.float32)
+      dq = dq + jnp.einsum("hqc,hck->hqk", ds, kb.k, preferred_element_type=jnp.float32)
+      dk = jnp.einsum("hqc,hqk->hck", ds, q_i, preferred_element_type=jnp.float32)
       return dq, (dk, dv)
 
     def skip(dq, kb: _KeyBlocks):
@@ -276,15 +271,29 @@ def _attention_bwd(cfg, res, g_BxTxHxK):
       return dq, (zeros, zeros)
 
     def step(dq, kb: _KeyBlocks):
-      return _unless_skipped(cfg, tile, skip, dq, kb, i, blind_i)
+      return _unless_skipped(cfg, tile, skip, dq, kb, i, _blind(cfg, first, i))
 
-    dq, (dk, dv) = lax.scan(step, jnp.zeros(q_i.shape, jnp.float32), kb)
+    dq, (dk, dv) = lax.scan(step, jnp.zeros(q_i.shape, jnp.float32), keys)
     return (dkv[0] + dk, dkv[1] + dv), dq
 
-  zeros = jnp.zeros(kb.k.shape, jnp.float32)
-  xs = (_to_blocks(q, cfg.bq, cfg.nq), _to_blocks(g, cfg.bq, cfg.nq), m, l,
-        _rows_to_blocks(d_BxHxT, cfg), jnp.arange(cfg.nq), blind)
-  (dk, dv), dq = lax.scan(query_block, (zeros, zeros), xs)
+  zeros = jnp.zeros(k_b.shape, jnp.float32)
+  (dk, dv), dq = lax.scan(query_block, (zeros, zeros),
+                          (q_b, g_b, m_b, l_b, d_b, jnp.arange(cfg.nq)))
+  return dq, dk, dv
+
+
+def _attention_bwd(cfg, res, g_BxTxHxK):
+  q, k, v, mask, seeds, o, m, l = res
+  batch, _, h, _ = q.shape
+  # sum_s a_ts dA_ts = sum_k dO_tk O_tk (dropout included: O is the dropped output)
+  d_BxTxH = jnp.einsum("bthk,bthk->bth", g_BxTxHxK.astype(jnp.float32), o.astype(jnp.float32))
+  d_blocks = _to_blocks(d_BxTxH[..., None], cfg.bq, cfg.nq)[..., 0]   # [B, nq, H, bq]
+  g = g_BxTxHxK.astype(v.dtype)
+  dq, dk, dv = lax.map(
+      functools.partial(_backward_example, cfg, seeds),
+      (_to_blocks(q, cfg.bq, cfg.nq), _to_blocks(g, cfg.bq, cfg.nq), m, l, d_blocks,
+       _to_blocks(k, cfg.bk, cfg.nk), _to_blocks(v, cfg.bk, cfg.nk), _mask_blocks(cfg, mask),
+       _first_visible(mask, batch), jnp.arange(batch)))
   return (_from_blocks(dq, cfg.t).astype(q.dtype), _from_blocks(dk, cfg.s).astype(k.dtype),
           _from_blocks(dv, cfg.s).astype(v.dtype), None, None)
 
