@@ -42,23 +42,24 @@ MASKS = {
     "blind": _lengths_mask([0, 20], N),          # example 0 sees no key: uniform rows
     "left": jnp.arange(N)[None] >= jnp.array([[0], [11]]),   # causal: rows < 11 see no key
 }
-CASES = [  # (mask, causal, dropout rate, block_size, query_block_size, T)
-    ("none", False, 0.0, 8, 0, N),
-    ("padding", False, 0.3, 8, 0, N),
-    ("padding", True, 0.3, 8, 10, N),
-    ("short", False, 0.0, 8, 0, N),
-    ("short", True, 0.3, 5, 7, N),
-    ("blind", False, 0.3, 8, 0, N),
-    ("blind", True, 0.0, 8, 10, N),
-    ("left", True, 0.3, 5, 7, N),
-    ("none", True, 0.0, 8, 10, N),
-    ("padding", False, 0.3, 8, 4, 13),           # fewer queries than keys
+CASES = [  # (mask, causal, dropout rate, block_size, query_block_size, T, batch_group)
+    ("none", False, 0.0, 8, 0, N, 0),
+    ("padding", False, 0.3, 8, 0, N, 1),
+    ("padding", True, 0.3, 8, 10, N, 0),
+    ("short", False, 0.0, 8, 0, N, 1),
+    ("short", True, 0.3, 5, 7, N, 2),
+    ("blind", False, 0.3, 8, 0, N, 1),
+    ("blind", True, 0.0, 8, 10, N, 2),
+    ("left", True, 0.3, 5, 7, N, 1),
+    ("none", True, 0.0, 8, 10, N, 1),
+    ("padding", False, 0.3, 8, 4, 13, 2),        # fewer queries than keys
 ]
 
 
-@pytest.mark.parametrize("mask_name,causal,rate,block,qblock,t", CASES,
+@pytest.mark.parametrize("mask_name,causal,rate,block,qblock,t,group", CASES,
                          ids=["-".join(map(str, c)) for c in CASES])
-def test_equals_xla_form_forward_and_gradients(mask_name, causal, rate, block, qblock, t):
+def test_equals_xla_form_forward_and_gradients(mask_name, causal, rate, block, qblock, t,
+                                               group):
   mask = MASKS[mask_name]
   q = jnp.asarray(RNG.standard_normal((2, t, H, K)), jnp.float32)
   k, v = (jnp.asarray(RNG.standard_normal((2, N, H, K)), jnp.float32) for _ in range(2))
@@ -75,7 +76,7 @@ def test_equals_xla_form_forward_and_gradients(mask_name, causal, rate, block, q
       q, k, v)
   (_, got), got_grads = loss(lambda q, k, v: blocked_attention(
       q, k, v, mask, scale=K**-0.5, causal=causal, dropout_rate=rate, dropout_seeds=seeds,
-      block_size=block, query_block_size=qblock))(q, k, v)
+      block_size=block, query_block_size=qblock, batch_group=group))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   for name, g, g_want in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(g, g_want, atol=1e-5, rtol=0, err_msg=f"d{name}")
@@ -177,3 +178,31 @@ def test_forward_backward_compile_without_an_n_by_n_array(causal):
   control = compiled("xla")
   assert _square_arrays(control.as_text(), n)
   assert control.memory_analysis().temp_size_in_bytes >= nxn_bytes
+
+
+def test_data_parallel_batch_stays_sharded():
+  """With the batch sharded over 8 devices (the trainer's data parallelism) every device loops
+  over its own examples: no all-gather in the compiled forward + backward, same values."""
+  devices = jax.devices()
+  if len(devices) < 8:
+    pytest.skip("needs 8 (fake) devices")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  data = NamedSharding(mesh, P("data"))
+  b, n = 16, 24
+  q, k, v = (jnp.asarray(RNG.standard_normal((b, n, H, K)), jnp.float32) for _ in range(3))
+  mask = _lengths_mask(RNG.integers(1, n + 1, size=b), n)
+  seeds = common.dropout_seeds(jax.random.key(3))
+
+  def grads(fn, **jit_kw):
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)),
+                   **jit_kw)
+
+  blocked = grads(lambda q, k, v: blocked_attention(
+      q, k, v, mask, scale=K**-0.5, dropout_rate=0.2, dropout_seeds=seeds, block_size=8),
+                  in_shardings=(data,) * 3, out_shardings=(data,) * 3)
+  sharded = [jax.device_put(a, data) for a in (q, k, v)]
+  assert "all-gather" not in blocked.lower(*sharded).compile().as_text()
+  want = grads(lambda q, k, v: _xla_form(q, k, v, mask, False, 0.2, seeds))(q, k, v)
+  for got, w in zip(blocked(*sharded), want):
+    np.testing.assert_allclose(got, w, atol=1e-5, rtol=1e-5)
