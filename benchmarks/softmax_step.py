@@ -33,6 +33,8 @@ IMPLEMENTATIONS = ("xla", "blocked")
 
 def training_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
   """One row per implementation: median step ms, compile + first step s, peak RSS MB."""
+  if args.rounds == 0:
+    return []
   runs: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
   errors = {}
   for _ in range(args.rounds):
@@ -109,12 +111,14 @@ def markdown(rep: dict[str, Any]) -> str:
   lines = [f"`{rep['command']}`", "",
            f"{rep['date']}; {rep['machine']}, {rep['cpu_count']} CPUs; jax {rep['jax']}; "
            f"allocator {rep['malloc']}; load {rep['load_before']:.2f} -> "
-           f"{rep['load_after']:.2f}.", "",
-           f"Training step of `{rep['config']}` (synthetic batch, real lengths "
-           f"{rep['batch_lengths'][0]}-{rep['batch_lengths'][1]}; median of {rep['repeats']} "
-           f"steps after {rep['warmup']} warmup, median over {rep['rounds']} round(s)):", "",
-           "| implementation | step ms | vs xla | process CPU ms | compile + first s "
-           "| peak RSS MB |", "|---|---|---|---|---|---|"]
+           f"{rep['load_after']:.2f}."]
+  if rep["steps"]:
+    lines += ["", f"Training step of `{rep['config']}` (synthetic batch, real lengths "
+              f"{rep['batch_lengths'][0]}-{rep['batch_lengths'][1]}; median of "
+              f"{rep['repeats']} steps after {rep['warmup']} warmup, median over "
+              f"{rep['rounds']} round(s)):", "",
+              "| implementation | step ms | vs xla | process CPU ms | compile + first s "
+              "| peak RSS MB |", "|---|---|---|---|---|---|"]
   base = next((r["step_ms"] for r in rep["steps"]
                if r["implementation"] == "xla" and "step_ms" in r), None)
   for r in rep["steps"]:
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   xla_flags.add_step_arguments(parser)
   parser.set_defaults(config="configs/listops.py:softmax,small", warmup=1, repeats=3)
-  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--rounds", type=int, default=1, help="0: no training steps")
   parser.add_argument("--lengths", default="", help="comma-separated N for the module timing")
   parser.add_argument("--out_json", default="")
   parser.add_argument("--out_md", default="")
