@@ -129,8 +129,10 @@ def zero_masked(x_BxNx_: Array, mask_BxN: Array | None) -> Array:
 
 IMPLEMENTATIONS = ("xla", "cudnn", "blocked", "auto")
 # "auto" takes the blocked form on CPU and TPU from this many keys on (softmax attention only).
-# Measured on the development CPU (benchmarks/RESULTS.md, "Blocked softmax attention"):
-BLOCKED_MIN_KEYS = 1024
+# On the 2-core development CPU (benchmarks/RESULTS.md, "Blocked softmax attention") the blocked
+# small-protocol attention layer was 0.58x the xla form's speed at N = 64 and 128 without
+# padding, 1.39x at 256 (1.6x at 128-256 with LRA-like padding), with a third of its memory.
+BLOCKED_MIN_KEYS = 256
 
 
 def resolve_implementation(implementation: str, dtype: Dtype, dropout_active: bool,
