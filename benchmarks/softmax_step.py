@@ -6,7 +6,7 @@ r"""Softmax attention "xla" against "blocked" (attention/blocked.py) on this mac
    synthetic batch, compile + --warmup steps, then --repeats timed steps; median wall time and
    the process's peak RSS). Rounds alternate the implementations.
 2. With --lengths: the attention module alone (the config's batch, width, heads and attention
-   dropout; real lengths uniform in [N/4, N]), forward + backward w.r.t. its parameters and
+   dropout; real lengths uniform in [N/4, N], or N with --unpadded), forward + backward w.r.t. its parameters and
    input, both implementations timed round-robin in one process at each N (median of
    --repeats), with XLA's temporary bytes of each compiled program: where "auto" should switch
    to "blocked" (`common.BLOCKED_MIN_KEYS`).
@@ -82,7 +82,8 @@ def attention_lengths(args: argparse.Namespace, lengths: list[int]) -> list[dict
   for n in lengths:
     rng = np.random.default_rng(n)
     x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
-    mask = jnp.asarray(np.arange(n)[None] < rng.integers(n // 4, n + 1, size=(b, 1)))
+    low = n if args.unpadded else n // 4
+    mask = jnp.asarray(np.arange(n)[None] < rng.integers(low, n + 1, size=(b, 1)))
     fns, temp_mb = {}, {}
     for impl in IMPLEMENTATIONS:
       module = SoftmaxAttention(num_heads=m.num_heads, dropout_rate=m.attention_dropout,
@@ -129,7 +130,8 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"| {r['implementation']} | {r['step_ms']:.0f} | {rel} | {r['cpu_ms']:.0f} | "
                  f"{r['first_s']:.1f} | {r['peak_rss_mb']:.0f} |")
   if rep["lengths"]:
-    lines += ["", "Attention module alone, forward + backward (median of "
+    real = "N" if rep["unpadded"] else "uniform in [N/4, N]"
+    lines += ["", f"Attention module alone, real lengths {real}, forward + backward (median of "
               f"{rep['repeats']} round-robin runs; XLA temporaries of the compiled program):",
               "", "| N | xla ms | blocked ms | blocked vs xla | xla temp MB | blocked temp MB |",
               "|---|---|---|---|---|---|"]
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.set_defaults(config="configs/listops.py:softmax,small", warmup=1, repeats=3)
   parser.add_argument("--rounds", type=int, default=1, help="0: no training steps")
   parser.add_argument("--lengths", default="", help="comma-separated N for the module timing")
+  parser.add_argument("--unpadded", action="store_true",
+                      help="module timing without padding (real lengths N, not N/4-N)")
   parser.add_argument("--out_json", default="")
   parser.add_argument("--out_md", default="")
   return parser
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          "machine": runtime.cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
          "malloc": runtime.allocator(), "config": args.config,
          "batch_lengths": [args.min_len, args.max_len], "warmup": args.warmup,
-         "repeats": args.repeats, "rounds": args.rounds, "load_before": load_before,
+         "repeats": args.repeats, "rounds": args.rounds, "unpadded": args.unpadded,
+         "load_before": load_before,
          "load_after": os.getloadavg()[0], "steps": steps, "lengths": lengths}
   step_breakdown.write_report(rep, markdown(rep), args.out_json, args.out_md)
   return rep
