@@ -168,13 +168,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args.argv = argv
   load_before = os.getloadavg()[0]
   rep = report(args, measure(args), load_before)
-  md = markdown(rep)
-  print(md, end="")
-  if args.out_json:
-    pathlib.Path(args.out_json).write_text(json.dumps(rep, indent=1) + "\n")
-  if args.out_md:
-    pathlib.Path(args.out_md).write_text(md)
+  write_report(rep, markdown(rep), args.out_json, args.out_md)
   return rep
+
+
+def write_report(rep: dict[str, Any], md: str, out_json: str, out_md: str) -> None:
+  """Prints the markdown table; writes the report's JSON and the table where asked."""
+  print(md, end="")
+  if out_json:
+    pathlib.Path(out_json).write_text(json.dumps(rep, indent=1) + "\n")
+  if out_md:
+    pathlib.Path(out_md).write_text(md)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,30 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--repeats", type=int, default=5)
 
 
+def step_argv(args: argparse.Namespace) -> list[str]:
+  """`add_step_arguments`' flags with the values of `args` (for a worker's command line)."""
+  return [f"--{k}={getattr(args, k)}" for k in
+          ("config", "vocab", "classes", "min_len", "max_len", "warmup", "repeats")]
+
+
+def run_worker(passthrough: list[str], flags: str = "", env: dict[str, str] | None = None
+               ) -> tuple[dict | None, str]:
+  """Runs `worker` in a fresh process with `passthrough` arguments (`add_step_arguments`'
+  flags), XLA_FLAGS extended by `flags` and `env` added: (its JSON result, "") or (None, the
+  error's last line). The worker imports this checkout's packages (REPO first on PYTHONPATH),
+  not whichever checkout the environment has installed."""
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f), JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+             **(env or {}))
+  proc = subprocess.run([sys.executable, __file__, "--worker", *passthrough], cwd=REPO, env=env,
+                        capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return None, (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+  return json.loads(lines[-1]), ""
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   add_step_arguments(parser)
@@ -134,23 +158,17 @@ def main(argv: list[str] | None = None) -> None:
   runtime.preload_tcmalloc()       # the workers inherit it, as train.py's step would have it
   chosen = [v for v in VARIANTS
             if not args.variants or v[0] in args.variants.split(",")]
-  passthrough = [f"--{k}={getattr(args, k)}" for k in
-                 ("config", "vocab", "classes", "min_len", "max_len", "warmup", "repeats")]
+  passthrough = step_argv(args)
   results = {v[0]: [] for v in chosen}
   errors = {}
   load_before = os.getloadavg()[0]
   for _ in range(args.rounds):
     for label, flags, *extra_env in chosen:
-      env = dict(os.environ, XLA_FLAGS=" ".join(
-          f for f in (os.environ.get("XLA_FLAGS", ""), flags) if f), JAX_PLATFORMS="cpu",
-                 **(extra_env[0] if extra_env else {}))
-      proc = subprocess.run([sys.executable, __file__, "--worker", *passthrough], cwd=REPO, env=env, capture_output=True, text=True)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-      if proc.returncode or not lines:
-        errors[label] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+      r, error = run_worker(passthrough, flags, extra_env[0] if extra_env else None)
+      if r is None:
+        errors[label] = error
         print(f"{label}: failed: {errors[label]}", flush=True)
         continue
-      r = json.loads(lines[-1])
       results[label].append(r)
       print(f"{label}: {statistics.median(r['wall_s']) * 1e3:.0f} ms/step "
             f"(cpu {statistics.median(r['cpu_s']) * 1e3:.0f} ms, first {r['first_s']:.1f} s)",

@@ -146,7 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Mechanism-specific options, passed to the attention module as keyword arguments
   # (defaults = the modules' defaults; see each module's docstring).
   m.luna = ml_collections.ConfigDict({"implementation": "xla"})
-  m.softmax = ml_collections.ConfigDict({"implementation": "xla"})
+  # softmax: "blocked" (and "auto" on CPU/TPU from common.BLOCKED_MIN_KEYS keys) takes
+  # block_size keys and query_block_size queries (0: all) per step (attention/blocked.py).
+  m.softmax = ml_collections.ConfigDict({"implementation": "xla", "block_size": 128,
+                                         "query_block_size": 0})
   m.cheap_linear = ml_collections.ConfigDict({"form": "transformer", "normalization": "auto",
                                               "gated": False})
   m.linear_elu = ml_collections.ConfigDict({"eps": 1e-6})
@@ -264,7 +267,8 @@ def small_protocol(c: ml_collections.ConfigDict, protocol: str = "small") -> Non
 # varies them: projection length, seed, where the data is, how often to save, how to run).
 PROTOCOL_KNOBS = ("model.proj_len", "seed", "data_dir", "checkpoint_every", "keep_checkpoints",
                   "log_every", "grain_workers", "model.remat", "model.luna.implementation",
-                  "model.softmax.implementation", "protocol", "allow_resume_changes",
+                  "model.softmax.implementation", "model.softmax.block_size",
+                  "model.softmax.query_block_size", "protocol", "allow_resume_changes",
                   "allow_truncation")
 
 

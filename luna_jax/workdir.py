@@ -83,7 +83,8 @@ BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "eval_stream", "test_dr
                       "keep_checkpoints", "grain_workers", "protocol", "allow_resume_changes",
                       "allow_truncation",
                       # how the same model is computed (same parameters, same data)
-                      "model.remat", "model.*.implementation", "model.luna.use_flash")
+                      "model.remat", "model.*.implementation", "model.luna.use_flash",
+                      "model.softmax.block_size", "model.softmax.query_block_size")
 
 log = logging.getLogger(__name__)
 # jax and orbax are imported where checkpoints are touched, so that reading a run folder

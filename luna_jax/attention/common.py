@@ -127,23 +127,42 @@ def zero_masked(x_BxNx_: Array, mask_BxN: Array | None) -> Array:
   return x_BxNx_ * mask_BxN.reshape(shape).astype(x_BxNx_.dtype)
 
 
-IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "blocked", "auto")
+# "auto" takes the blocked form on CPU and TPU from this many keys on (softmax attention only).
+# On the 2-core development CPU (benchmarks/RESULTS.md, "Blocked softmax attention") the blocked
+# small-protocol attention layer was 0.58x the xla form's speed at N = 64 and 128 without
+# padding, 1.39x at 256 (1.6x at 128-256 with LRA-like padding), with a third of its memory.
+BLOCKED_MIN_KEYS = 256
 
 
-def resolve_implementation(implementation: str, dtype: Dtype, dropout_active: bool) -> str:
+def resolve_implementation(implementation: str, dtype: Dtype, dropout_active: bool,
+                           num_keys: int | None = None) -> str:
   """The attention path a softmax step takes (`implementation` of softmax and Luna):
   "xla": einsum scores, float32 masked softmax, attention dropout, einsum with V.
   "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention; GPU
     only, 16-bit dtypes, no attention dropout, no attention maps, padding as key lengths (so it
     assumes right padding, as every LRA task pads).
-  "auto": "cudnn" on a GPU with a 16-bit dtype and no active attention dropout, else "xla"."""
+  "blocked": `blocked.blocked_attention`, the same function as "xla" (attention dropout
+    included) over key blocks with an online softmax and a backward pass that recomputes each
+    block: no [T, S] array. Only for callers that pass `num_keys` (softmax attention).
+  "auto": "cudnn" on a GPU with a 16-bit dtype and no active attention dropout; else "blocked" on
+    CPU and TPU when the caller has a blocked form and `num_keys >= BLOCKED_MIN_KEYS`; else
+    "xla"."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; valid: {IMPLEMENTATIONS}")
+  if implementation == "blocked" and num_keys is None:
+    raise ValueError("implementation='blocked' is softmax attention's; valid here: "
+                     f"{tuple(i for i in IMPLEMENTATIONS if i != 'blocked')}")
   if implementation != "auto":
     return implementation
   cudnn_ok = (jax.default_backend() == "gpu" and not dropout_active
               and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-  return "cudnn" if cudnn_ok else "xla"
+  if cudnn_ok:
+    return "cudnn"
+  if (num_keys is not None and num_keys >= BLOCKED_MIN_KEYS
+      and jax.default_backend() in ("cpu", "tpu")):
+    return "blocked"
+  return "xla"
 
 
 def fused_attention(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
@@ -177,7 +196,12 @@ def keep_from_seeds(seeds: Array, shape: tuple[int, ...], rate: float) -> Array:
   size = 1
   for dim in shape:
     size *= dim
-  idx = lax.iota(jnp.uint32, size).reshape(shape)
+  return keep_at(seeds, lax.iota(jnp.uint32, size).reshape(shape), rate)
+
+
+def keep_at(seeds: Array, idx: Array, rate: float) -> Array:
+  """The keep bits of the mask of `seeds` at the flat (row-major, uint32) element indices `idx`:
+  a block of a mask computes exactly its slice of the whole mask."""
   bits = _fmix32(_fmix32(idx ^ seeds[0]) + seeds[1])
   return bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 
