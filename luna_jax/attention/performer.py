@@ -65,16 +65,34 @@ RELU_STABILIZER = 1e-3
 TORCH_FEATURE_EPS = 1e-4     # performer-pytorch softmax_kernel's eps, inside every feature
 
 
+def orthonormalize_columns(g_GxDxD: Array) -> Array:
+  """Q of g = Q R with diag(R) > 0, per block: Gram-Schmidt, each column projected twice ("twice
+  is enough": orthogonal to float precision). For Gaussian g this Q is Haar-distributed (a
+  Householder QR's Q needs its columns flipped by sign(diag(R)) to be). Plain XLA rather than
+  `jnp.linalg.qr`: on a CPU host split into several devices, jaxlib's LAPACK QR waits for work it
+  schedules on XLA's intra-op pool, which every device's step occupies, and a data-parallel
+  Performer step deadlocked (2 devices on 2 cores, 8 blocks of 32)."""
+  dim = g_GxDxD.shape[-1]
+
+  def column(j, q_GxDxD):
+    earlier_D = (jnp.arange(dim) < j).astype(q_GxDxD.dtype)
+    v_GxD = q_GxDxD[:, :, j]
+    for _ in range(2):
+      coef_GxD = jnp.einsum("gdk,gd->gk", q_GxDxD, v_GxD) * earlier_D
+      v_GxD = v_GxD - jnp.einsum("gdk,gk->gd", q_GxDxD, coef_GxD)
+    v_GxD = v_GxD / jnp.linalg.norm(v_GxD, axis=-1, keepdims=True)
+    return q_GxDxD.at[:, :, j].set(v_GxD)
+
+  return jax.lax.fori_loop(0, dim, column, g_GxDxD)
+
+
 def orthogonal_random_features(key: Array, num_features: int, dim: int) -> Array:
   """[num_features, dim] rows: QR-orthogonalised Gaussian blocks (Haar-distributed directions),
   rows rescaled by the norms of fresh Gaussian vectors (so each row is marginally N(0, I))."""
   num_blocks = -(-num_features // dim)
   block_key, norm_key = jax.random.split(key)
   g_GxDxD = jax.random.normal(block_key, (num_blocks, dim, dim), jnp.float32)
-  q_GxDxD, r_GxDxD = jnp.linalg.qr(g_GxDxD)
-  # Householder QR fixes the sign of diag(R), which biases the directions (e.g. every first
-  # column has a non-positive first entry); flipping columns by sign(diag(R)) makes Q Haar.
-  q_GxDxD = q_GxDxD * jnp.sign(jnp.diagonal(r_GxDxD, axis1=1, axis2=2))[:, None, :]
+  q_GxDxD = orthonormalize_columns(g_GxDxD)
   rows_MxD = jnp.swapaxes(q_GxDxD, 1, 2).reshape(num_blocks * dim, dim)[:num_features]
   norms_M = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, dim), jnp.float32),
                             axis=-1)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from luna_jax.attention.performer import PerformerAttention
+from luna_jax.attention import performer
 from luna_jax.attention.performer import orthogonal_random_features
 from luna_jax.attention.softmax import SoftmaxAttention
 
@@ -89,3 +90,19 @@ def test_layers_get_different_features():
                                                 "features": jax.random.key(3)}):
     _, _, wa, wb = Two().init_with_output(rngs, x)[0]
     assert not np.allclose(wa, wb)
+
+
+def test_features_are_orthonormal_without_lapack():
+  """W's blocks are orthonormal (Gram-Schmidt equals a sign-corrected QR), and the compiled
+  program holds no LAPACK call: jaxlib's CPU QR deadlocked a Performer step split over several
+  host devices (it waits for work queued on the intra-op pool its callers occupy)."""
+  g = jax.random.normal(jax.random.key(0), (8, 32, 32))
+  q = performer.orthonormalize_columns(g)
+  np.testing.assert_allclose(jnp.einsum("gdk,gdl->gkl", q, q), np.broadcast_to(np.eye(32),
+                             (8, 32, 32)), atol=2e-6)
+  r = jnp.einsum("gdk,gdl->gkl", q, g)                 # R = Q^T g: upper triangular, diag > 0
+  assert np.all(np.diagonal(r, axis1=1, axis2=2) > 0)
+  np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=2e-5)
+  hlo = jax.jit(performer.orthogonal_random_features, static_argnums=(1, 2)).lower(
+      jax.random.key(1), 256, 32).compile().as_text()
+  assert "custom-call" not in hlo     # jnp.linalg.qr compiles to custom_call lapack_sgeqrf_ffi
