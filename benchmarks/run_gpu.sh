@@ -10,6 +10,18 @@
 # them with `pip install --no-index --no-deps --target /tmp/site` and set
 # PYTHONPATH=/tmp/site:$PWD; benchmarks/RESULTS.md has what that run measured.
 #
+# The lent GPU's fifteen minutes (issue 26; benchmarks/reproduce_gpu.py, each under 9 minutes,
+# resumable: rerun the same command to continue; benchmarks/RESULTS.md "Ready to run on a lent
+# GPU" has the device command):
+#   OUT=/tmp/out bash benchmarks/run_gpu.sh reproduce   # setup, ListOps data, published ListOps rows
+#   OUT=/tmp/out bash benchmarks/run_gpu.sh speed       # Text model 2K/3K, cuDNN/flash 4K, linear 2K-4K
+#   DRY_RUN=1 OUT=/tmp/dry bash benchmarks/run_gpu.sh reproduce   # CPU, tiny (the test suite's)
+# Wheels the image lacks: `bash benchmarks/gpu_wheels.sh` here fills benchmarks/gpu_wheels/
+# (ignored, 4.5 MiB); carried along, they are installed into /tmp/site when imports fail.
+# WORK (default $OUT): data, checkpoints and resumable state (on a device: /tmp/luna26, kept
+# while the machine is held; $OUT then gets the small files). REPRO_ARGS passes more flags to
+# reproduce_gpu.py (e.g. "--only small_softmax_s0 --budget-s 300").
+#
 # Run, from the repository root (each phase is sized for one ~10-minute command; "all" runs
 # them in order; a phase's JSON is rewritten after every point, so an interrupted phase keeps
 # what it measured):
@@ -79,6 +91,25 @@ merge() {  # merge NAME INPUT_NAMES...: combined table and plot of earlier runs 
   echo "merged ${inputs[*]} -> $OUT/$name.{json,md,png}"
 }
 
+setup_wheels() {  # the carried wheels (benchmarks/gpu_wheels.sh), where the image lacks them
+  if "$PYTHON" -c "import ml_collections, grain, tensorboardX" 2>/dev/null; then return 0; fi
+  if compgen -G "benchmarks/gpu_wheels/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site benchmarks/gpu_wheels/*.whl
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    echo "installed benchmarks/gpu_wheels into /tmp/site"
+  else
+    echo "missing ml_collections/grain/tensorboardX and no benchmarks/gpu_wheels (gpu_wheels.sh)" >&2
+  fi
+}
+
+reproduce() {  # reproduce|speed: benchmarks/reproduce_gpu.py, its output under $OUT
+  local dry=()
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then dry=(--dry-run); fi
+  "$PYTHON" -m benchmarks.reproduce_gpu "$1" --out "$OUT" --work "${WORK:-$OUT}" "${dry[@]}" \
+      ${REPRO_ARGS:-} \
+      2>&1 | tee -a "$OUT/$1.log"
+}
+
 check_gpu() {
   if [[ "${SKIP_GPU_CHECK:-0}" == "1" ]]; then return 0; fi
   "$PYTHON" - <<'EOF'
@@ -108,17 +139,20 @@ run_phase() {
     layer-fast)
       bench layer_fast --mode layer --batch 8 --lengths "$LAYER_LENGTHS" \
           --mechanisms "softmax,$LUNA" --softmax-impl cudnn --luna-flash ;;
+    reproduce|speed)
+      reproduce "$1" ;;
     merge)
       merge model_all model_quadratic model_linear model_fast
       merge layer_all layer_xla layer_fast ;;
     *)
-      echo "unknown phase $1 (model-quadratic, model-linear, model-fast, layer-xla, layer-fast," \
-           "merge, all)" >&2
+      echo "unknown phase $1 (reproduce, speed, model-quadratic, model-linear, model-fast," \
+           "layer-xla, layer-fast, merge, all)" >&2
       exit 2 ;;
   esac
 }
 
-if [[ "$PHASE" != "merge" ]]; then check_gpu; fi
+setup_wheels
+if [[ "$PHASE" != "merge" && "$PHASE" != "reproduce" && "$PHASE" != "speed" ]]; then check_gpu; fi
 if [[ "$PHASE" == "all" ]]; then
   for p in model-quadratic model-linear model-fast layer-xla layer-fast merge; do
     run_phase "$p"

@@ -6,7 +6,7 @@ generated data handed in through `config.data_dir` is recorded as generated. Wit
 `config.data_dir` empty, `lra_tasks.listops.load` generates once into
 `default_cache_dir()/listops/<settings hash>/` (`cached_data_dir`).
 
-  python -m lra_tasks.listops_generator --out DIR [--num_train N ...]
+  python -m lra_tasks.listops_generator --out DIR [--num_train N ...] [--workers 16]
 
 Imports: this module takes the vocabulary and the file layout from `lra_tasks.listops`; that
 module imports this one only inside its functions, so there is no import cycle.
@@ -14,10 +14,14 @@ module imports this one only inside its functions, so there is no import cycle.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import itertools
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -203,31 +207,65 @@ def serialize(tree: Any) -> str:
   return _codes_to_source(codes)
 
 
-def generate(s: GeneratorSettings) -> Iterator[tuple[str, int]]:
-  """Distinct (source, answer) examples, num_train + num_val + num_test of them, in order."""
+def _batch_examples(s: GeneratorSettings, batch: int) -> list[tuple[bytes, str, int]]:
+  """(dedup key, source, answer) of the kept trees of one batch, in order; a batch depends only
+  on (seed, batch), so batches can be made in any process and order."""
+  rng = np.random.default_rng([s.seed, batch])
+  levels, keep = _grow(rng, _TREES_PER_BATCH, s)
+  if not keep.any():
+    return []
+  codes, starts, sizes, answers = _serialize(levels)
+  out = []
+  for start, size, answer in zip(starts.tolist(), sizes.tolist(), answers.tolist()):
+    tree_codes = codes[start:start + size]
+    key = hashlib.blake2b(tree_codes.tobytes(), digest_size=16).digest()
+    out.append((key, _codes_to_source(tree_codes), answer))
+  return out
+
+
+def _batches(s: GeneratorSettings, workers: int) -> Iterator[list[tuple[bytes, str, int]]]:
+  """Batches 0, 1, 2, ... in order; with workers > 1, made by that many processes (2 batches
+  per worker in flight)."""
+  if workers <= 1:
+    for batch in itertools.count():
+      yield _batch_examples(s, batch)
+    return
+  ctx = multiprocessing.get_context("spawn")    # no fork of a possibly threaded parent
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    pending: collections.deque = collections.deque()
+    batches = itertools.count()
+    try:
+      while True:
+        while len(pending) < 2 * workers:
+          pending.append(pool.submit(_batch_examples, s, next(batches)))
+        yield pending.popleft().result()
+    finally:
+      for f in pending:
+        f.cancel()
+
+
+def generate(s: GeneratorSettings, workers: int = 1) -> Iterator[tuple[str, int]]:
+  """Distinct (source, answer) examples, num_train + num_val + num_test of them, in order.
+  `workers` > 1 makes the batches in that many processes; the examples are the same."""
   total = s.num_train + s.num_val + s.num_test
   seen: set[bytes] = set()
-  batch = barren = 0
-  while len(seen) < total:
-    if barren == _MAX_BARREN_BATCHES:
-      raise ValueError(f"found only {len(seen)} of {total} distinct trees for {s}")
-    rng = np.random.default_rng([s.seed, batch])
-    batch += 1
-    barren += 1
-    levels, keep = _grow(rng, _TREES_PER_BATCH, s)
-    if not keep.any():
-      continue
-    codes, starts, sizes, answers = _serialize(levels)
-    for start, size, answer in zip(starts.tolist(), sizes.tolist(), answers.tolist()):
-      tree_codes = codes[start:start + size]
-      key = hashlib.blake2b(tree_codes.tobytes(), digest_size=16).digest()
-      if key in seen:
-        continue
-      seen.add(key)
-      barren = 0
-      yield _codes_to_source(tree_codes), answer
-      if len(seen) == total:
-        return
+  barren = 0
+  batches = _batches(s, workers)
+  try:
+    while len(seen) < total:
+      if barren == _MAX_BARREN_BATCHES:
+        raise ValueError(f"found only {len(seen)} of {total} distinct trees for {s}")
+      barren += 1
+      for key, source, answer in next(batches):
+        if key in seen:
+          continue
+        seen.add(key)
+        barren = 0
+        yield source, answer
+        if len(seen) == total:
+          return
+  finally:
+    batches.close()
 
 
 def generated_provenance(s: GeneratorSettings) -> dict[str, Any]:
@@ -237,9 +275,9 @@ def generated_provenance(s: GeneratorSettings) -> dict[str, Any]:
           "generator_version": _GENERATOR_VERSION, "settings": dataclasses.asdict(s)}
 
 
-def generate_files(out_dir: str, s: GeneratorSettings) -> None:
+def generate_files(out_dir: str, s: GeneratorSettings, workers: int = 1) -> None:
   """Writes basic_{train,val,test}.tsv for settings `s` and the marker `GENERATED_MARKER`
-  (`generated_provenance(s)`) into out_dir.
+  (`generated_provenance(s)`) into out_dir; `workers` processes make the trees (same files).
 
   The files are written to a temporary folder first, so a new out_dir appears only complete.
   """
@@ -249,7 +287,7 @@ def generate_files(out_dir: str, s: GeneratorSettings) -> None:
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
   try:
     os.chmod(tmp, 0o755)
-    examples = generate(s)
+    examples = generate(s, workers)
     for split, count in (("train", s.num_train), ("validation", s.num_val),
                          ("test", s.num_test)):
       with open(os.path.join(tmp, SPLIT_FILES[split]), "w", encoding="utf-8") as f:
@@ -257,6 +295,7 @@ def generate_files(out_dir: str, s: GeneratorSettings) -> None:
         for _ in range(count):
           source, answer = next(examples)
           f.write(f"{source}\t{answer}\n")
+    examples.close()    # stops the worker processes, if any
     write_generated_marker(tmp, generated_provenance(s))
     try:
       os.rename(tmp, out_dir)  # Fails if out_dir exists: replace its files one by one.
@@ -299,10 +338,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="output folder")
   for field in dataclasses.fields(GeneratorSettings):
     parser.add_argument(f"--{field.name}", type=int, default=field.default)
+  parser.add_argument("--workers", type=int, default=1,
+                      help="processes making the trees (0: one per core); the files are the "
+                           "same for any value")
   args = parser.parse_args(argv)
   settings = GeneratorSettings(
       **{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorSettings)})
-  generate_files(args.out, settings)
+  generate_files(args.out, settings, args.workers or os.cpu_count() or 1)
   print(f"wrote {', '.join(SPLIT_FILES.values())} and {GENERATED_MARKER} to {args.out}")
 
 

@@ -207,6 +207,12 @@ def test_protocol_names_and_overrides():
   assert c.protocol == "small"
   common.mark_overrides(c, ["model.num_layers"])
   assert c.protocol == "custom"
+  # bfloat16 compute is a knob of the small-model protocols only (their codes ran fp16).
+  assert get("listops", "softmax,small,model.dtype=bfloat16").protocol == "small"
+  assert get("listops", "luna,skyformer,model.dtype=bfloat16").protocol == "skyformer"
+  assert get("listops", "luna,l=16,model.dtype=bfloat16").protocol == "custom"
+  # An override that names the protocol keeps it (the caller vouches for the label).
+  assert get("listops", "softmax,small,steps=3,protocol=small").protocol == "small"
   with pytest.raises(ValueError, match="Path-X"):
     get("pathx", "luna,small")
 
