@@ -268,7 +268,7 @@ def small_protocol(c: ml_collections.ConfigDict, protocol: str = "small") -> Non
 PROTOCOL_KNOBS = ("model.proj_len", "seed", "data_dir", "checkpoint_every", "keep_checkpoints",
                   "log_every", "grain_workers", "model.remat", "model.luna.implementation",
                   "model.softmax.implementation", "model.softmax.block_size",
-                  "model.softmax.query_block_size", "protocol", "allow_resume_changes",
+                  "model.softmax.query_block_size", "allow_resume_changes",
                   "allow_truncation")
 
 
@@ -282,11 +282,10 @@ PROTOCOL_EXTRA_KNOBS = {"small": ("model.dtype",), "skyformer": ("model.dtype",)
 
 def mark_overrides(c: ml_collections.ConfigDict, keys) -> None:
   """A protocol changed by any override outside its knobs (PROTOCOL_KNOBS and
-  PROTOCOL_EXTRA_KNOBS) becomes "custom", unless the overrides name the protocol themselves
-  (`protocol=small`): then the caller vouches for the label (benchmarks/reproduce_gpu.py's CPU
-  dry run lays out its table that way at tiny sizes)."""
+  PROTOCOL_EXTRA_KNOBS) becomes "custom"; so does an override of `protocol` itself: a label is
+  earned by the recipe, never set by hand."""
   keys = list(keys)
-  if c.protocol == "quick" or "protocol" in keys:
+  if c.protocol == "quick" and "protocol" not in keys:
     return
   knobs = PROTOCOL_KNOBS + PROTOCOL_EXTRA_KNOBS.get(c.protocol, ())
   if any(k not in knobs for k in keys):

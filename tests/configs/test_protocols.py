@@ -211,8 +211,10 @@ def test_protocol_names_and_overrides():
   assert get("listops", "softmax,small,model.dtype=bfloat16").protocol == "small"
   assert get("listops", "luna,skyformer,model.dtype=bfloat16").protocol == "skyformer"
   assert get("listops", "luna,l=16,model.dtype=bfloat16").protocol == "custom"
-  # An override that names the protocol keeps it (the caller vouches for the label).
-  assert get("listops", "softmax,small,steps=3,protocol=small").protocol == "small"
+  # A label is earned by the recipe, never set by hand.
+  assert get("listops", "softmax,small,steps=3,protocol=small").protocol == "custom"
+  assert get("listops", "softmax,protocol=small").protocol == "custom"
+  assert get("listops", "quick,protocol=small").protocol == "custom"
   with pytest.raises(ValueError, match="Path-X"):
     get("pathx", "luna,small")
 
