@@ -45,7 +45,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-help", "-?")
 # Errors that mean bad input, not a bug: printed as one line (no traceback).
-USER_ERRORS = (wd.ConfigError, lra_tasks.DataError, wd.CheckpointError,
+USER_ERRORS = (wd.ConfigError, lra_tasks.DataError, wd.CheckpointError, wd.WorkdirError,
                trainer.NonFiniteLossError)
 
 
@@ -61,7 +61,8 @@ def main(argv):
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value)
   except USER_ERRORS as e:
-    _fail(f"{type(e).__name__}: {e}", 1)
+    _fail(f"{type(e).__name__}: {e}",
+          wd.BUSY_EXIT_STATUS if isinstance(e, wd.WorkdirBusyError) else 1)
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:

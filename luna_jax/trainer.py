@@ -345,10 +345,16 @@ def _say(message: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint); returns the
-  results dict also written to WORKDIR/results.json. The run folder's rules (resume checks,
-  recovery, what metrics and results derive from) are in `luna_jax.workdir`."""
+  results dict also written to WORKDIR/results.json. The run folder's rules (one writer, resume
+  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir`."""
   validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = wd.checked_workdir(workdir)
+  with wd.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """train_and_evaluate in a checked workdir that this process holds."""
   changes = wd.resume_changes(workdir, config)     # before anything is written
   if config.get("init_from"):
     _check_source(config)

@@ -11,7 +11,8 @@ resolved config. Extra `--config.KEY=VALUE` flags after the options go to every 
 not change workdir names).
 
 Local launcher: points whose workdir holds results.json are skipped, diverged ones too (unless
---retry-diverged; the rerun would diverge again); the others run, resuming from their latest
+--retry-diverged; the rerun would diverge again), and so are points another process is running
+(their workdir's LOCK; two sweeps on one root share the work); the others run, resuming from their latest
 checkpoint. Output goes to WORKDIR/sweep.log; a failed run leaves WORKDIR/FAILED with the log
 tail. TPU launcher: one `gcloud ... tpu-vm ssh --worker=all` command per point, one after
 another (no skipping: the root is remote; a finished run only re-evaluates its test set).
@@ -181,7 +182,8 @@ def run_logged(cmd: list[str], workdir: str) -> int:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
     rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-  if rc != 0 and not os.path.exists(wd.path(workdir, wd.RESULTS_FILE)):
+  if rc not in (0, wd.BUSY_EXIT_STATUS) and not os.path.exists(wd.path(workdir,
+                                                                          wd.RESULTS_FILE)):
     with open(log_path) as f:
       tail = f.read()[-4000:]
     with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
@@ -195,6 +197,17 @@ def run_streamed(cmd: list[str], workdir: str) -> int:
   return subprocess.run(cmd).returncode
 
 
+def _skip_reason(workdir: str, retry_diverged: bool) -> str | None:
+  """"finished", "diverged" (unless retried) or "running" (another process holds the
+  workdir), or None for a point to run."""
+  if wd.lock_holder(workdir) is not None:
+    return "running"
+  status = results_lib.workdir_status(workdir)[0]
+  if status == "finished" or (status == "diverged" and not retry_diverged):
+    return status
+  return None
+
+
 def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], list[str]], *,
               runner: Callable[[list[str], str], int] = run_logged, parallel: int = 1,
               dry_run: bool = False, check_workdirs: bool = True, retry_diverged: bool = False,
@@ -202,17 +215,18 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
   """Runs (or with dry_run prints) one command per point, `parallel` at a time.
 
   With check_workdirs, finished and diverged points are skipped and a stale FAILED marker is
-  removed before a rerun. Returns {point name: outcome}: skipped-finished, skipped-diverged,
-  planned (dry run), ok, or failed (rc N).
+  removed before a rerun; a point another process is running (its workdir's lock) is skipped,
+  at planning and again just before it starts. Returns {point name: outcome}:
+  skipped-finished, skipped-diverged, skipped-running, planned (dry run), ok, or failed (rc N).
   """
   out = out or sys.stdout
   outcome: dict[str, str] = {}
   todo = []
   for p in points:
-    status = results_lib.workdir_status(p.workdir(root))[0] if check_workdirs else "new"
-    if status == "finished" or (status == "diverged" and not retry_diverged):
-      outcome[p.name] = f"skipped-{status}"
-      print(f"# skip ({status}): {p.workdir(root)}", file=out)
+    skip = _skip_reason(p.workdir(root), retry_diverged) if check_workdirs else None
+    if skip is not None:
+      outcome[p.name] = f"skipped-{skip}"
+      print(f"# skip ({skip}): {p.workdir(root)}", file=out)
     else:
       todo.append(p)
   if dry_run:
@@ -226,18 +240,24 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
 
   def one(i: int, p: Point) -> None:
     run_dir = p.workdir(root)
+    resumed = False
     if check_workdirs:
+      # Looked at again now: another sweep on this root may have run or be running it.
+      if (skip := _skip_reason(run_dir, retry_diverged)) is not None:
+        with lock:
+          outcome[p.name] = f"skipped-{skip}"
+          print(f"[{i}/{len(todo)}] skip ({skip}): {run_dir}", file=out, flush=True)
+        return
       resumed = wd.has_checkpoints(run_dir)
       if os.path.exists(wd.path(run_dir, wd.FAILED_FILE)):
         os.remove(wd.path(run_dir, wd.FAILED_FILE))
-    else:
-      resumed = False
     with lock:
       print(f"[{i}/{len(todo)}] {'resume' if resumed else 'start'} {p.name}", file=out,
             flush=True)
     rc = runner(command(p), run_dir)
     with lock:
-      outcome[p.name] = "ok" if rc == 0 else f"failed (rc {rc})"
+      outcome[p.name] = ("ok" if rc == 0 else "skipped-running" if rc == wd.BUSY_EXIT_STATUS
+                         else f"failed (rc {rc})")
       print(f"[{i}/{len(todo)}] {outcome[p.name]}: {p.name}", file=out, flush=True)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:

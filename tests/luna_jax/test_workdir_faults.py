@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -404,3 +405,66 @@ def test_sigkill_at_five_random_points_then_rerun_is_bitwise_exact(tmp_path):
   res = json.loads((workdir / wd.RESULTS_FILE).read_text())
   assert (res["test_accuracy"], res["best_step"]) == (reference["test_accuracy"],
                                                       reference["best_step"]), killed_at
+
+
+# ----------------------------------------------------------------------------- one writer
+
+def _lock_by(workdir, pid, host=None):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / wd.LOCK_FILE).write_text(json.dumps({"host": host or socket.gethostname(),
+                                                  "pid": pid}))
+
+
+@pytest.fixture
+def live_pid():
+  proc = subprocess.Popen(["sleep", "60"])
+  yield proc.pid
+  proc.kill()
+  proc.wait()
+
+
+def test_second_writer_fails_naming_the_holder_and_writes_nothing(tmp_path, live_pid):
+  _lock_by(tmp_path, live_pid)
+  with pytest.raises(wd.WorkdirBusyError) as e:
+    run(config_of(steps=2), tmp_path)
+  assert f"in use by process {live_pid} on host {socket.gethostname()}" in str(e.value)
+  assert str(tmp_path / wd.LOCK_FILE) in str(e.value) and "\n" not in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == [wd.LOCK_FILE]         # nothing written
+  assert json.loads((tmp_path / wd.LOCK_FILE).read_text())["pid"] == live_pid
+  _lock_by(tmp_path, 1, host="another-host")                     # never taken over
+  with pytest.raises(wd.WorkdirBusyError, match="process 1 on host another-host"):
+    run(config_of(steps=2), tmp_path)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, caplog):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  _lock_by(tmp_path, dead.pid)
+  with caplog.at_level(logging.WARNING, logger="luna_jax"):
+    run(config_of(steps=2), tmp_path)
+  assert any(f"taking over the lock of process {dead.pid}" in r.getMessage()
+             for r in caplog.records)
+  assert (tmp_path / wd.RESULTS_FILE).exists()
+  assert not (tmp_path / wd.LOCK_FILE).exists()                  # released at the end
+
+
+def test_two_train_processes_on_one_workdir(tmp_path):
+  cache = os.environ["LUNA_JAX_CACHE"]
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(_cmd(workdir, 400, 100), cwd=REPO, env=_env(1, cache),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in first.stdout:
+      if line.startswith("step "):
+        break
+    second = subprocess.run(_cmd(workdir, 400, 100, ["--config.seed=1"]), cwd=REPO,
+                            env=_env(1, cache), capture_output=True, text=True, timeout=300)
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stdout.close()
+  assert second.returncode == wd.BUSY_EXIT_STATUS, second.stderr[-2000:]
+  lines = second.stderr.strip().splitlines()
+  assert lines[-1].startswith("train.py: error: WorkdirBusyError: ")
+  assert f"in use by process {first.pid}" in lines[-1]
+  assert json.loads((workdir / wd.CONFIG_FILE).read_text())["seed"] == 0

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shlex
+import socket
 import subprocess
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from configs.sweeps import hyper as h
 from luna_jax.experiments import results
 from luna_jax.experiments import sweep
+from luna_jax import workdir as wd
 
 
 def test_hyper_combinators_order_and_counts():
@@ -193,3 +195,43 @@ def test_cli_reports_failures_in_exit_status(tmp_path, monkeypatch, capsys):
                      "--only", "softmax"]) == 1
   assert "1 points: 0 ran, 0 skipped, 1 failed: listops/softmax_lr5e-2_s0" in (
       capsys.readouterr().out)
+
+
+def test_a_point_another_process_runs_is_skipped_and_left_alone(tmp_path, monkeypatch):
+  points = sweep.expand("configs/sweeps/lr_seed.py:listops,luna,lrs=1e-4,seeds=3")
+  root = str(tmp_path)
+  holder = subprocess.Popen(["sleep", "60"])
+  try:
+    busy = points[0].workdir(root)
+    os.makedirs(busy)
+    with open(os.path.join(busy, wd.LOCK_FILE), "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": holder.pid}, f)
+    with open(os.path.join(busy, results.FAILED_FILE), "w") as f:
+      f.write("exit status -9")
+    calls = []
+
+    def runner(cmd, workdir):
+      calls.append(workdir)
+      if workdir == points[1].workdir(root):
+        _finish(points[2].workdir(root))      # another sweep finishes point 2 meanwhile
+      return 0
+
+    outcome = sweep.run_sweep(points, root, lambda p: [p.name], runner=runner,
+                              out=io.StringIO())
+  finally:
+    holder.kill()
+    holder.wait()
+  assert calls == [points[1].workdir(root)]
+  assert outcome == {points[0].name: "skipped-running", points[1].name: "ok",
+                     points[2].name: "skipped-finished"}
+  assert os.path.exists(os.path.join(busy, results.FAILED_FILE))     # not touched
+
+  # train.py refused the folder (taken between the check and the start): no FAILED marker.
+  monkeypatch.setattr(sweep.subprocess, "run",
+                      lambda cmd, **kw: subprocess.CompletedProcess(cmd, wd.BUSY_EXIT_STATUS))
+  other = str(tmp_path / "other")
+  assert sweep.run_logged(["python", "train.py"], other) == wd.BUSY_EXIT_STATUS
+  assert not os.path.exists(os.path.join(other, results.FAILED_FILE))
+  outcome = sweep.run_sweep(points[1:2], str(tmp_path / "r2"), lambda p: [p.name],
+                            out=io.StringIO())
+  assert outcome == {points[1].name: "skipped-running"}
