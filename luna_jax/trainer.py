@@ -360,6 +360,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     _check_source(config)
   task = lra_tasks.load_task(config)
   check_task(config, task)
+  identity = wd.run_identity(task.provenance, jax.device_count())
+  changes += wd.identity_changes(workdir, identity)
   cfg = model_config(config, task)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -393,7 +395,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     else:
       first_step, state, iter_state = restored
       train_iter.set_state(iter_state)
-    wd.record_config(workdir, config, changes, first_step)
+    wd.record_config(workdir, config, changes, first_step, identity)
     wd.start_at(workdir, first_step, config.num_train_steps)
     ckpts.prune_best_after(first_step)
     wd.sync("luna_jax_start")
@@ -414,7 +416,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     else:
       _say(f"resumed from step {first_step} ({workdir})")
     for c in changes:
-      _say(f"resumed with a changed config: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
+      _say(f"resumed with a change: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
 
     p_train, p_eval = programs.train, programs.eval
 

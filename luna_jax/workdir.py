@@ -3,7 +3,10 @@ bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep an
 
   WORKDIR/config.json             the config of the checkpoints; written only after the resume
                                   check passed and the checkpoint was restored
-  WORKDIR/config_history.jsonl    one line per resume that changed the config:
+  WORKDIR/identity.json           what the checkpoints were made from besides the config: the
+                                  data's provenance (each file's sha256; generated data also by
+                                  its settings) and the device count; written with config.json
+  WORKDIR/config_history.jsonl    one line per resume that changed the config or device count:
                                   {"step": N, "time": ..., "changes": {field: [old, new]}}
   WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null
   WORKDIR/results.json            written at the end, from the best checkpoint that exists
@@ -25,7 +28,11 @@ that makes the same model on the same data. Fields are classified here and nowhe
   `--config.allow_resume_changes=true`.
 * bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, workers, labels,
   and how the same model is computed (remat, attention implementation). Always accepted.
-Every accepted change is appended to config_history.jsonl. A field present on one side only (a
+Every accepted change is appended to config_history.jsonl.
+The data itself (`identity_changes`): a split file whose sha256 differs from identity.json's (an
+edited file under an unchanged data_dir), or generated data of other settings, is refused like a
+model/data field, naming the file and both hashes. A changed device count is accepted (the
+batch is global) but changes the numbers: it is recorded in config_history.jsonl and said. A field present on one side only (a
 field added to or removed from the code since the run started) is a change only when it is a
 model/data field whose value differs from the current default of `configs.common.base_config()`
 (a field without such a default always differs).
@@ -60,6 +67,7 @@ import ml_collections
 
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
+IDENTITY_FILE = "identity.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 FAILED_FILE = "FAILED"
@@ -77,6 +85,7 @@ TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save f
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
 
 MODEL_DATA, SCHEDULE, BOOKKEEPING = "model/data", "schedule", "bookkeeping"
+MACHINE = "machine"                   # identity.json's num_devices: accepted, recorded, said
 SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "warmup_init_lr", "num_train_steps",
                    "schedule", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
                    "one_cycle.*")
@@ -407,7 +416,8 @@ class Change:
   kind: str
 
   def __str__(self) -> str:
-    return f"config.{self.field}: {_show(self.old)} -> {_show(self.new)}"
+    prefix = "" if self.kind == MACHINE else "config."
+    return f"{prefix}{self.field}: {_show(self.old)} -> {_show(self.new)}"
 
 
 class _Absent:
@@ -497,12 +507,44 @@ def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> list[Chan
   return changes
 
 
+def run_identity(provenance: Mapping[str, Any], num_devices: int) -> dict[str, Any]:
+  """What identity.json holds (module docstring)."""
+  return {"data": json_safe(dict(provenance)), "num_devices": num_devices}
+
+
+def _data_difference(name: str, old: Any, new: Any) -> str:
+  if name.startswith("files."):
+    return f"the file {name[len('files.'):]} changed (sha256 {_show(old)} -> {_show(new)})"
+  return f"data {name}: {_show(old)} -> {_show(new)}"
+
+
+def identity_changes(workdir: str, identity: Mapping[str, Any]) -> list[Change]:
+  """The device-count change against identity.json that a resume records ([] for a workdir
+  without checkpoints or without identity.json); ConfigMismatchError naming each file (with
+  both hashes) or generator setting of data that differs from the checkpoints'."""
+  stored = read_json(path(workdir, IDENTITY_FILE)) if has_checkpoints(workdir) else None
+  if not isinstance(stored, Mapping):
+    return []
+  old, new = flatten(stored.get("data") or {}), flatten(identity["data"])
+  differ = [_data_difference(k, old.get(k, ABSENT), new.get(k, ABSENT))
+            for k in sorted(set(old) | set(new)) if old.get(k, ABSENT) != new.get(k, ABSENT)]
+  if differ:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints trained on other data: {'; '.join(differ)} (recorded in "
+        f"{IDENTITY_FILE}). Use a new --workdir for this data, or restore the old files")
+  return [Change(k, stored[k], identity[k], MACHINE) for k in ("num_devices",)
+          if k in stored and stored[k] != identity[k]]
+
+
 def record_config(workdir: str, config: ml_collections.ConfigDict, changes: Sequence[Change],
-                  step: int) -> None:
-  """Writes config.json and appends the accepted `changes` (made at `step`) to
-  config_history.jsonl. Call only after the resume check and the restore succeeded."""
+                  step: int, identity: Mapping[str, Any] | None = None) -> None:
+  """Writes config.json (and identity.json, if given) and appends the accepted `changes` (made
+  at `step`) to config_history.jsonl. Call only after the resume check and the restore
+  succeeded."""
   if not _is_primary():
     return
+  if identity is not None:
+    write_json(path(workdir, IDENTITY_FILE), identity)
   if changes:
     entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "changes": {c.field: [None if c.old is ABSENT else c.old,

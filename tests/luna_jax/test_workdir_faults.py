@@ -468,3 +468,41 @@ def test_two_train_processes_on_one_workdir(tmp_path):
   assert lines[-1].startswith("train.py: error: WorkdirBusyError: ")
   assert f"in use by process {first.pid}" in lines[-1]
   assert json.loads((workdir / wd.CONFIG_FILE).read_text())["seed"] == 0
+
+
+# ----------------------------------------------------------------------------- data identity
+
+@pytest.mark.parametrize("data", ["official", "generated"])
+def test_a_changed_data_file_under_a_stopped_run_is_refused(tmp_path, data):
+  config = config_of(steps=2, data_dir=str(_listops_dir(tmp_path)) if data == "official" else "")
+  workdir = tmp_path / "run"
+  run(config, workdir)
+  train_file = lra_tasks.load_task(config).sources["train"]
+  old = lra_tasks.common.file_digest(train_file)
+  with open(train_file, "a") as f:
+    f.write("( [MAX 1 2 ] )\t2\n")
+  new = lra_tasks.common.file_digest(train_file)
+  before = {p: (workdir / p).read_bytes() for p in (wd.CONFIG_FILE, wd.IDENTITY_FILE,
+                                                    wd.RESULTS_FILE, wd.METRICS_FILE)}
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    run(config, workdir)
+  name = os.path.basename(train_file)
+  assert f"the file {name} changed (sha256 {old!r} -> {new!r})" in str(e.value)
+  assert "trained on other data" in str(e.value) and "\n" not in str(e.value)
+  assert {p: (workdir / p).read_bytes() for p in before} == before
+
+
+def test_a_changed_device_count_is_recorded_and_said(tmp_path, capsys):
+  config = config_of(steps=2)
+  run(config, tmp_path)
+  identity = json.loads((tmp_path / wd.IDENTITY_FILE).read_text())
+  assert identity["num_devices"] == jax.device_count() == 8
+  assert identity["data"]["source"] == "generated" and identity["data"]["files"]
+  identity["num_devices"] = 4                       # as if it had been trained on 4 devices
+  (tmp_path / wd.IDENTITY_FILE).write_text(json.dumps(identity))
+  capsys.readouterr()
+  run(config_of(steps=4, allow_resume_changes=True), tmp_path)
+  assert "resumed with a change: num_devices: 4 -> 8" in capsys.readouterr().out
+  history = wd.read_jsonl(str(tmp_path / wd.CONFIG_HISTORY_FILE))
+  assert history[0]["changes"]["num_devices"] == [4, 8]
+  assert json.loads((tmp_path / wd.IDENTITY_FILE).read_text())["num_devices"] == 8
