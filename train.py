@@ -10,7 +10,8 @@ r"""Trains an LRA classifier. Flags only; the work is `luna_jax.trainer.train_an
 --config.FIELD=VALUE sets any field listed below (python train.py --config=FILE --help lists
   that file's fields and values).
 --workdir=DIR: output folder. Rerunning the same command resumes from its newest readable
-  checkpoint; a finished run is evaluated again. A config that changes the model or the data of
+  checkpoint; a finished run is evaluated again. With no readable checkpoint left, a folder that
+  holds an earlier run's best/ and results.json is started over only with --start_over. A config that changes the model or the data of
   the checkpoints is refused; schedule changes need --config.allow_resume_changes=true.
 --verbosity=0: show the libraries' INFO logging (quiet by default).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or set
@@ -41,6 +42,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it
 _COORD = flags.DEFINE_string("coordinator_address", "", "Multi-process: coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
+_START_OVER = flags.DEFINE_bool(
+    "start_over", False, "With no readable checkpoint, train from step 0 even if that replaces "
+    "the workdir's best/ and results.json (otherwise refused).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-help", "-?")
@@ -59,7 +63,7 @@ def main(argv):
   with config.unlocked():
     common.mark_overrides(config, _dotted(overrides))
   try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value, start_over=_START_OVER.value)
   except USER_ERRORS as e:
     _fail(f"{type(e).__name__}: {e}",
           wd.BUSY_EXIT_STATUS if isinstance(e, wd.WorkdirBusyError) else 1)
@@ -95,7 +99,8 @@ def _config_of(argv: list[str]):
 def help_text(config=None) -> str:
   """This docstring, the flags, and the config fields with their values."""
   lines = [__doc__.rstrip(), "", "Flags:"]
-  for name in ("config", "workdir", "coordinator_address", "num_processes", "process_id"):
+  for name in ("config", "workdir", "start_over", "coordinator_address", "num_processes",
+               "process_id"):
     f = flags.FLAGS[name]
     lines.append(f"  --{name}: {f.help}" + (f" (default: {f.default!r})"
                                            if f.default not in (None, "") else ""))

@@ -343,17 +343,21 @@ def _say(message: str) -> None:
 
 # ----------------------------------------------------------------------------- main loop
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       start_over: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint); returns the
   results dict also written to WORKDIR/results.json. The run folder's rules (one writer, resume
-  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir`."""
+  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir`.
+  `start_over`: with no readable training checkpoint, train from step 0 even if that replaces
+  an earlier run's best/ and results.json (`workdir.check_start_over`)."""
   validate_config(config)
   workdir = wd.checked_workdir(workdir)
   with wd.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, start_over)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        start_over: bool) -> dict[str, Any]:
   """train_and_evaluate in a checked workdir that this process holds."""
   changes = wd.resume_changes(workdir, config)     # before anything is written
   if config.get("init_from"):
@@ -388,6 +392,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   try:
     restored = ckpts.restore_latest(target)
     if restored is None:
+      wd.check_start_over(workdir, start_over)
       first_step = 0
       state = programs.init(init_key)
       if config.get("init_from"):

@@ -41,6 +41,11 @@ One writer per run folder (`WorkdirLock`): a run holds WORKDIR/LOCK while it wri
 writer fails naming the holder. A lock left by a dead process on this host is taken over with a
 warning; one of another host is never taken over (delete the file once that process is gone).
 
+A start from step 0 (`check_start_over`) never replaces the work of an earlier run on its own:
+with no readable training checkpoint, a folder that holds checkpoints proven unreadable
+(checkpoints/corrupt-*) or an intact best/ with its results.json is started over only with
+`start_over` (train.py --start_over); deleting checkpoints/ and best/ says the same.
+
 Metrics and results derive from checkpoints: a start from step N (0 for a new run) drops the
 metrics.jsonl records after N (all of them when N = 0) and every test record, removes best/
 steps after N and a stale results.json, and takes the best validation score only from records
@@ -590,6 +595,27 @@ def start_at(workdir: str, step: int, num_train_steps: int) -> None:
       os.remove(path(workdir, name))
 
 
+def check_start_over(workdir: str, start_over: bool) -> None:
+  """Before a start from step 0 (no readable training checkpoint): CheckpointError, unless
+  `start_over`, if it would replace an earlier run's results (module docstring)."""
+  if start_over or not _is_primary():
+    return
+  ckpt_dir = path(workdir, CHECKPOINTS_DIR)
+  corrupt = (sorted(n for n in os.listdir(ckpt_dir) if n.startswith(CORRUPT_PREFIX))
+             if os.path.isdir(ckpt_dir) else [])
+  best = _steps(path(workdir, BEST_DIR))
+  kept = ([f"{BEST_DIR}/{best[-1]}", RESULTS_FILE]
+          if best and os.path.exists(path(workdir, RESULTS_FILE)) else [])
+  if not corrupt and not kept:
+    return
+  why = [f"its checkpoints were unreadable (moved aside to {', '.join(corrupt)})"] if corrupt else []
+  why += [f"it holds {' and '.join(kept)} of an earlier run"] if kept else []
+  raise CheckpointError(
+      f"{workdir} has no readable training checkpoint and {'; '.join(why)}: a start from step "
+      f"0 would replace them. Rerun with --start_over to train again from step 0, or use a new "
+      f"--workdir")
+
+
 def best_validation(records: Sequence[Mapping[str, Any]], max_step: int
                     ) -> tuple[float, int]:
   """(best val_accuracy, its step) among records at or below `max_step`; (-1, -1) if none.
@@ -721,8 +747,9 @@ class Checkpoints:
         moved.append(self._move_aside(step, step_dir, e))
     if moved:
       raise CheckpointError(f"no readable checkpoint in {self.dir}: moved "
-                            f"{', '.join(moved)} aside (see the messages above); delete "
-                            f"{self.dir} and {self.best_dir} to start over")
+                            f"{', '.join(moved)} aside (see the messages above); rerun with "
+                            "--start_over to train again from step 0 (replacing best/ and "
+                            "results.json)")
     return None
 
   def _move_aside(self, step: int, step_dir: str, error: BaseException) -> str:

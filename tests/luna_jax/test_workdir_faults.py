@@ -506,3 +506,39 @@ def test_a_changed_device_count_is_recorded_and_said(tmp_path, capsys):
   history = wd.read_jsonl(str(tmp_path / wd.CONFIG_HISTORY_FILE))
   assert history[0]["changes"]["num_devices"] == [4, 8]
   assert json.loads((tmp_path / wd.IDENTITY_FILE).read_text())["num_devices"] == 8
+
+
+# ----------------------------------------------------------------------------- no silent restart
+
+def test_a_second_rerun_after_unreadable_checkpoints_keeps_best_and_results(reference, tmp_path):
+  config = config_of()
+  run(config, tmp_path)
+  for step in (2, 4):
+    (tmp_path / wd.CHECKPOINTS_DIR / str(step) / "data_iter" / "metadata").write_text("{")
+  with pytest.raises(wd.CheckpointError, match="--start_over"):
+    run(config, tmp_path)
+  kept = {p: (tmp_path / p).read_bytes() for p in (wd.RESULTS_FILE, wd.METRICS_FILE)}
+  best = sorted(os.listdir(tmp_path / wd.BEST_DIR))
+  with pytest.raises(wd.CheckpointError) as e:                   # the identical second rerun
+    run(config, tmp_path)
+  assert str(e.value) == (
+      f"{tmp_path} has no readable training checkpoint and its checkpoints were unreadable "
+      f"(moved aside to corrupt-2, corrupt-4); it holds best/{best[0]} and results.json of an "
+      "earlier run: a start from step 0 would replace them. Rerun with --start_over to train "
+      "again from step 0, or use a new --workdir")
+  assert {p: (tmp_path / p).read_bytes() for p in kept} == kept
+  assert sorted(os.listdir(tmp_path / wd.BEST_DIR)) == best
+  results = trainer.train_and_evaluate(config, str(tmp_path), start_over=True)
+  assert results["test_accuracy"] == reference[0]["test_accuracy"]
+  assert_consistent(tmp_path, config)
+
+
+def test_deleted_training_checkpoints_with_intact_best_are_not_started_over(tmp_path):
+  config = config_of()
+  run(config, tmp_path)
+  shutil.rmtree(tmp_path / wd.CHECKPOINTS_DIR)
+  results = (tmp_path / wd.RESULTS_FILE).read_bytes()
+  with pytest.raises(wd.CheckpointError, match=r"holds best/\d and results.json"):
+    run(config, tmp_path)
+  assert (tmp_path / wd.RESULTS_FILE).read_bytes() == results
+  assert os.listdir(tmp_path / wd.BEST_DIR)
