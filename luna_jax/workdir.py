@@ -217,7 +217,7 @@ def checked_workdir(workdir: str | None) -> str:
   """The absolute path of `workdir`; WorkdirError for an empty name (an unset shell variable
   would otherwise make the current folder the run folder)."""
   if not workdir or not str(workdir).strip():
-    raise WorkdirError(f"the workdir is empty ({workdir!r}; an unset shell variable?): name a "
+    raise WorkdirError(f"the workdir is empty ({workdir!r}: an unset shell variable?): name a "
                        "folder for the run, e.g. --workdir=runs/NAME")
   return os.path.abspath(workdir)
 

@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if bad:
     parser.error(f"unrecognized arguments {bad} (only --config.KEY=VALUE passes to train.py)")
 
+  if not args.root.strip():
+    parser.error("--root is empty (an unset shell variable?): name the folder of the runs")
   points = expand(args.sweep)
   if args.only:
     points = [p for p in points if re.search(args.only, p.name)]

@@ -542,3 +542,17 @@ def test_deleted_training_checkpoints_with_intact_best_are_not_started_over(tmp_
     run(config, tmp_path)
   assert (tmp_path / wd.RESULTS_FILE).read_bytes() == results
   assert os.listdir(tmp_path / wd.BEST_DIR)
+
+
+def test_an_empty_workdir_is_refused(tmp_path):
+  with pytest.raises(wd.WorkdirError, match="the workdir is empty"):
+    run(config_of(steps=2), "")
+  cmd = [str(REPO / a) if a == "train.py" else a.replace("=configs/", f"={REPO}/configs/")
+         for a in _cmd("", 2, 2)]
+  r = subprocess.run(cmd, cwd=tmp_path, env=_env(1, os.environ["LUNA_JAX_CACHE"]),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      "train.py: error: WorkdirError: the workdir is empty ('': an unset shell variable?): "
+      "name a folder for the run, e.g. --workdir=runs/NAME")
+  assert os.listdir(tmp_path) == []                               # nothing in the cwd

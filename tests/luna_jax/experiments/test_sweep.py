@@ -235,3 +235,10 @@ def test_a_point_another_process_runs_is_skipped_and_left_alone(tmp_path, monkey
   outcome = sweep.run_sweep(points[1:2], str(tmp_path / "r2"), lambda p: [p.name],
                             out=io.StringIO())
   assert outcome == {points[1].name: "skipped-running"}
+
+
+def test_an_empty_root_is_refused(capsys):
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["run", "configs/sweeps/quick.py", "--root", ""])
+  assert e.value.code == 2
+  assert "--root is empty (an unset shell variable?)" in capsys.readouterr().err
