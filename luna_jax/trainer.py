@@ -627,8 +627,7 @@ def _convert_from(config: ml_collections.ConfigDict, cfg: models.ModelConfig, st
                                      target_is_luna=models.carries_p(cfg))
   state = state.replace(params=jax.device_put(params, state_sh.params))
   src_results = wd.read_json(wd.path(source, wd.RESULTS_FILE)) or {}
-  info = {"workdir": source, "step": int(src_step),
-          "attention": src_config.model.attention,
+  info = {**wd.best_identity(source), "attention": src_config.model.attention,
           "test_accuracy": src_results.get("test_accuracy"),
           "summary": report.summary(), **report.to_dict()}
   if jax.process_index() == 0:

@@ -57,6 +57,7 @@ import dataclasses
 import difflib
 import fnmatch
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -539,6 +540,60 @@ def identity_changes(workdir: str, identity: Mapping[str, Any]) -> list[Change]:
         f"{IDENTITY_FILE}). Use a new --workdir for this data, or restore the old files")
   return [Change(k, stored[k], identity[k], MACHINE) for k in ("num_devices",)
           if k in stored and stored[k] != identity[k]]
+
+
+def changed_config(workdir: str, config: ml_collections.ConfigDict | Mapping[str, Any]
+                   ) -> list[Change]:
+  """The changes of `config` against the config of WORKDIR's checkpoints or results that a
+  rerun would not accept: model/data, and schedule unless `allow_resume_changes` ([] for a
+  folder without checkpoints or results). For tools that reuse finished runs (sweep,
+  conversion study), which must not take a finished run of another config for this one."""
+  stored = read_json(path(workdir, CONFIG_FILE))
+  if stored is None or not (has_checkpoints(workdir) or os.path.exists(path(workdir,
+                                                                               RESULTS_FILE))):
+    return []
+  refused = (MODEL_DATA,) + (() if config.get("allow_resume_changes") else (SCHEDULE,))
+  return [c for c in config_changes(stored, config) if c.kind in refused]
+
+
+def folder_digest(folder: str) -> str:
+  """sha256 of every file's relative path and bytes under `folder` (a checkpoint's identity)."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      h.update(os.path.relpath(file, folder).encode() + b"\0")
+      with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+          h.update(chunk)
+  return h.hexdigest()
+
+
+def best_identity(workdir: str) -> dict[str, Any]:
+  """{"workdir", "step", "sha256"} of WORKDIR's best checkpoint (what a converted run is made
+  from; init_from.json records it). FileNotFoundError if there is none."""
+  workdir = os.path.abspath(workdir)
+  steps = _steps(path(workdir, BEST_DIR))
+  if not steps:
+    raise FileNotFoundError(f"no best checkpoint under {path(workdir, BEST_DIR)}")
+  return {"workdir": workdir, "step": steps[-1],
+          "sha256": folder_digest(os.path.join(path(workdir, BEST_DIR), str(steps[-1])))}
+
+
+def converted_from_other(workdir: str, source: str) -> str | None:
+  """Why WORKDIR's init_from.json names another source than `source`'s best checkpoint (path,
+  step or sha256), or None if it names that one (or there is no init_from.json)."""
+  stored = read_json(path(workdir, INIT_FROM_FILE))
+  if not isinstance(stored, Mapping):
+    return None
+  now = best_identity(source)
+  fields = [k for k in ("workdir", "step", "sha256") if k in stored]
+  if all(stored[k] == now[k] for k in fields):
+    return None
+  show = lambda d: ", ".join(f"{k} {d.get(k)}" for k in fields)
+  return (f"{workdir} was converted from another source checkpoint ({show(stored)}) than "
+          f"{source}'s best ({show(now)})")
 
 
 def record_config(workdir: str, config: ml_collections.ConfigDict, changes: Sequence[Change],

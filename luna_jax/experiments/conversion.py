@@ -4,6 +4,10 @@ r"""Conversion study: what a linear mechanism keeps of a trained softmax model.
       --targets learned_kernel,linear_elu,performer,cheap_linear,cosformer,luna \
       --steps 0,100,400 --root runs/conversion
 
+Rerun with the same --root, finished runs are read back and unfinished ones resumed; a --root
+whose runs were made from another source (its path, or its best checkpoint's step and sha256,
+recorded in each converted run's init_from.json) or another config is refused.
+
 For every target mechanism and every N in --steps, two ordinary runs (own workdirs, resumable,
 same metrics as any run): `converted` starts from the source's best checkpoint
 (`config.init_from`, luna_jax/transfer.py) and fine-tunes N steps; `scratch` trains the same
@@ -51,16 +55,30 @@ def target_config(source: ml_collections.ConfigDict, target: str, steps: int,
 def run_point(source_dir: str, source: ml_collections.ConfigDict, target: str, steps: int,
               kind: str, root: str, train: bool = True) -> dict[str, Any] | None:
   """One converted or scratch run; returns its results.json (rerun-safe: a finished workdir is
-  read, not retrained). With train=False, None for a run that has not finished."""
+  read, not retrained). With train=False, None for a run that has not finished. A workdir of
+  another config, or converted from another source checkpoint, is refused (`check_reusable`)."""
   workdir = os.path.join(root, target, f"{kind}_n{steps}")
+  config = target_config(source, target, steps,
+                         os.path.abspath(source_dir) if kind == "converted" else None)
+  check_reusable(workdir, config, source_dir if kind == "converted" else None)
   done = wd.read_json(wd.path(workdir, wd.RESULTS_FILE))
   if done is not None and done.get("finished"):
     return done
   if not train:
     return None
-  config = target_config(source, target, steps,
-                         os.path.abspath(source_dir) if kind == "converted" else None)
   return trainer.train_and_evaluate(config, workdir)
+
+
+def check_reusable(workdir: str, config: ml_collections.ConfigDict, source_dir: str | None
+                   ) -> None:
+  """ConfigMismatchError if WORKDIR holds a run of another config, or (`source_dir` given) one
+  converted from another source checkpoint: the source's path and its best checkpoint's step
+  and sha256 are part of a converted run's identity (init_from.json)."""
+  changes = wd.changed_config(workdir, config)
+  why = (f"{workdir} holds a run of another config ({'; '.join(map(str, changes))})"
+         if changes else source_dir and wd.converted_from_other(workdir, source_dir))
+  if why:
+    raise wd.ConfigMismatchError(f"{why}: use another --root for this study")
 
 
 def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], root: str,

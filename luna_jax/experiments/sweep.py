@@ -13,7 +13,10 @@ not change workdir names).
 Local launcher: points whose workdir holds results.json are skipped, diverged ones too (unless
 --retry-diverged; the rerun would diverge again), and so are points another process is running
 (their workdir's LOCK; two sweeps on one root share the work); the others run, resuming from their latest
-checkpoint. Output goes to WORKDIR/sweep.log; a failed run leaves WORKDIR/FAILED with the log
+checkpoint. A point whose workdir holds checkpoints or results of another config (the point's
+config with the extra flags, against WORKDIR/config.json; bookkeeping fields such as eval_every
+aside, schedule fields too with --config.allow_resume_changes=true) is refused, not skipped nor
+run: rerun with the old flags, or use another --root. Output goes to WORKDIR/sweep.log; a failed run leaves WORKDIR/FAILED with the log
 tail. TPU launcher: one `gcloud ... tpu-vm ssh --worker=all` command per point, one after
 another (no skipping: the root is remote; a finished run only re-evaluates its test set).
 """
@@ -197,11 +200,21 @@ def run_streamed(cmd: list[str], workdir: str) -> int:
   return subprocess.run(cmd).returncode
 
 
-def _skip_reason(workdir: str, retry_diverged: bool) -> str | None:
-  """"finished", "diverged" (unless retried) or "running" (another process holds the
-  workdir), or None for a point to run."""
+def point_config(point: Point, extra: Sequence[str] = ()):
+  """The config train.py runs for `point` with the extra `--config.KEY=VALUE` flags."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = resolve_config(point.config_file, point.config_arg, point.overrides)
+  common.apply_overrides(config, dict(a[len("--config."):].split("=", 1) for a in extra))
+  return config
+
+
+def _skip_reason(workdir: str, retry_diverged: bool, config=None) -> str | None:
+  """"running" (another process holds the workdir), "changed" (`changed_config`), "finished",
+  "diverged" (unless retried), or None for a point to run."""
   if wd.lock_holder(workdir) is not None:
     return "running"
+  if config is not None and wd.changed_config(workdir, config):
+    return "changed"
   status = results_lib.workdir_status(workdir)[0]
   if status == "finished" or (status == "diverged" and not retry_diverged):
     return status
@@ -211,20 +224,30 @@ def _skip_reason(workdir: str, retry_diverged: bool) -> str | None:
 def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], list[str]], *,
               runner: Callable[[list[str], str], int] = run_logged, parallel: int = 1,
               dry_run: bool = False, check_workdirs: bool = True, retry_diverged: bool = False,
-              cwd: str | None = str(REPO), out=None) -> dict[str, str]:
+              cwd: str | None = str(REPO), out=None, extra: Sequence[str] = ()
+              ) -> dict[str, str]:
   """Runs (or with dry_run prints) one command per point, `parallel` at a time.
 
   With check_workdirs, finished and diverged points are skipped and a stale FAILED marker is
   removed before a rerun; a point another process is running (its workdir's lock) is skipped,
   at planning and again just before it starts. Returns {point name: outcome}:
-  skipped-finished, skipped-diverged, skipped-running, planned (dry run), ok, or failed (rc N).
+  skipped-finished, skipped-diverged, skipped-running, refused (another config than its
+  workdir's, `changed_config`, with the `extra` flags), planned (dry run), ok, or failed (rc N).
   """
   out = out or sys.stdout
   outcome: dict[str, str] = {}
   todo = []
+  configs = {p.name: point_config(p, extra) for p in points} if check_workdirs else {}
   for p in points:
-    skip = _skip_reason(p.workdir(root), retry_diverged) if check_workdirs else None
-    if skip is not None:
+    skip = (_skip_reason(p.workdir(root), retry_diverged, configs[p.name]) if check_workdirs
+            else None)
+    if skip == "changed":
+      changes = wd.changed_config(p.workdir(root), configs[p.name])
+      outcome[p.name] = "refused"
+      print(f"# refuse: {p.workdir(root)} holds a run of another config "
+            f"({'; '.join(map(str, changes))}); rerun with its flags or use another --root",
+            file=out)
+    elif skip is not None:
       outcome[p.name] = f"skipped-{skip}"
       print(f"# skip ({skip}): {p.workdir(root)}", file=out)
     else:
@@ -243,7 +266,7 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
     resumed = False
     if check_workdirs:
       # Looked at again now: another sweep on this root may have run or be running it.
-      if (skip := _skip_reason(run_dir, retry_diverged)) is not None:
+      if (skip := _skip_reason(run_dir, retry_diverged, configs[p.name])) is not None:
         with lock:
           outcome[p.name] = f"skipped-{skip}"
           print(f"[{i}/{len(todo)}] skip ({skip}): {run_dir}", file=out, flush=True)
@@ -315,8 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     outcome = run_sweep(points, root, lambda p: local_command(p, root, extra),
                         runner=run_logged, parallel=args.parallel, dry_run=args.dry_run,
-                        retry_diverged=args.retry_diverged)
-  failed = [n for n, o in outcome.items() if o.startswith("failed")]
+                        retry_diverged=args.retry_diverged, extra=extra)
+  failed = [n for n, o in outcome.items() if o.startswith(("failed", "refused"))]
   if not args.dry_run:
     print(f"{len(points)} points: {sum(o == 'ok' for o in outcome.values())} ran, "
           f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, "

@@ -1,6 +1,7 @@
 """Post-hoc conversion end to end: init_from in the trainer, and the conversion study."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -120,3 +121,29 @@ def test_study_reports_a_target_it_cannot_build_as_a_row(source, tmp_path):
   md = open(conversion.write_outputs(rows, str(tmp_path), source)["md"]).read()
   assert "- no_such_mechanism: not convertible" in md
   assert not os.path.exists(tmp_path / "no_such_mechanism")
+
+
+def test_study_rerun_with_another_source_is_refused(source, tmp_path):
+  first, second = tmp_path / "first", tmp_path / "second"
+  shutil.copytree(source, first)
+  shutil.copytree(source, second)                 # the same checkpoint under another path
+  root = str(tmp_path / "study")
+  conversion.run_study(str(first), ["softmax"], [0], root)
+  info = wd.read_json(os.path.join(root, "softmax", "converted_n0", wd.INIT_FROM_FILE))
+  assert info["sha256"] == wd.best_identity(str(first))["sha256"]
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    conversion.run_study(str(second), ["softmax"], [0], root, train=False)
+  assert (f"holds a run of another config (config.init_from: {str(first)!r} -> "
+          f"{str(second)!r}): use another --root for this study") in str(e.value)
+  # The same path, retrained: its best checkpoint is another one.
+  best = first / wd.BEST_DIR
+  step_dir = best / os.listdir(best)[0]
+  array = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
+              key=os.path.getsize)
+  with open(array, "r+b") as f:
+    byte = f.read(1)
+    f.seek(0)
+    f.write(bytes([byte[0] ^ 1]))
+  with pytest.raises(wd.ConfigMismatchError, match="was converted from another source "
+                                                   "checkpoint .*: use another --root"):
+    conversion.run_study(str(first), ["softmax"], [0], root)

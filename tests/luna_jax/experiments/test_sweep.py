@@ -242,3 +242,27 @@ def test_an_empty_root_is_refused(capsys):
     sweep.main(["run", "configs/sweeps/quick.py", "--root", ""])
   assert e.value.code == 2
   assert "--root is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_extra_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
+  point = sweep.expand("configs/sweeps/quick.py")[1]
+  root = str(tmp_path)
+  workdir = point.workdir(root)
+  _finish(workdir)
+  os.makedirs(os.path.join(workdir, wd.BEST_DIR, "7"))
+  stored = wd.config_dict(sweep.point_config(point, ["--config.model.dropout=0.25"]))
+  with open(os.path.join(workdir, wd.CONFIG_FILE), "w") as f:
+    json.dump(stored, f)
+  monkeypatch.setattr(sweep, "run_logged", lambda cmd, w: pytest.fail(f"ran {cmd}"))
+  args = ["run", "configs/sweeps/quick.py", "--root", root, "--only", "softmax"]
+  assert sweep.main(args + ["--config.model.dropout=0.25", "--config.eval_every=7"]) == 0
+  assert f"# skip (finished): {workdir}" in capsys.readouterr().out   # bookkeeping only
+  assert sweep.main(args) == 1
+  out = capsys.readouterr().out
+  assert (f"# refuse: {workdir} holds a run of another config (config.model.dropout: 0.25 -> "
+          f"{point_config_value(point)}); rerun with its flags or use another --root") in out
+  assert "1 points: 0 ran, 0 skipped, 1 failed: listops/softmax_lr5e-2_s0" in out
+
+
+def point_config_value(point):
+  return repr(sweep.point_config(point).model.dropout)
