@@ -360,8 +360,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         start_over: bool) -> dict[str, Any]:
   """train_and_evaluate in a checked workdir that this process holds."""
   changes = wd.resume_changes(workdir, config)     # before anything is written
-  if config.get("init_from"):
-    _check_source(config)
+  if config.get("init_from") and not wd.has_checkpoints(workdir):
+    _check_source(config)     # once converted, the run has the parameters in its checkpoints
   task = lra_tasks.load_task(config)
   check_task(config, task)
   identity = wd.run_identity(task.provenance, jax.device_count())
@@ -397,6 +397,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = programs.init(init_key)
       if config.get("init_from"):
         state = _convert_from(config, cfg, state, state_sh, workdir)
+        # The converted parameters in the run's own checkpoint: it never needs the source again.
+        ckpts.save(0, state, train_iter.get_state(), force=True)
+        ckpts.wait()
     else:
       first_step, state, iter_state = restored
       train_iter.set_state(iter_state)

@@ -75,7 +75,7 @@ def test_incompatible_source_fails_before_compute(source, tmp_path):
   c.model.emb_dim = 32
   with pytest.raises(ValueError, match="model.emb_dim: source 16, target 32"):
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
-  assert not (tmp_path / "w" / wd.CHECKPOINTS_DIR).exists()
+  assert not (tmp_path / "w").exists()
 
 
 def test_study_writes_table_and_plot(source, tmp_path):
@@ -147,3 +147,19 @@ def test_study_rerun_with_another_source_is_refused(source, tmp_path):
   with pytest.raises(wd.ConfigMismatchError, match="was converted from another source "
                                                    "checkpoint .*: use another --root"):
     conversion.run_study(str(first), ["softmax"], [0], root)
+
+
+def test_a_converted_run_no_longer_needs_its_source(source, tmp_path):
+  copy = tmp_path / "source"
+  shutil.copytree(source, copy)
+  evaluated = converted_config("softmax", 0, str(copy))
+  tuned = converted_config("linear_elu", 2, str(copy))
+  first = trainer.train_and_evaluate(evaluated, str(tmp_path / "n0"))
+  trainer.train_and_evaluate(tuned, str(tmp_path / "n2"))
+  shutil.rmtree(copy)
+  again = trainer.train_and_evaluate(evaluated, str(tmp_path / "n0"))    # re-evaluated
+  assert again["test_accuracy"] == first["test_accuracy"]
+  assert again["init_from"]["workdir"] == str(copy)                      # provenance kept
+  tuned.num_train_steps, tuned.allow_resume_changes = 4, True
+  resumed = trainer.train_and_evaluate(tuned, str(tmp_path / "n2"))     # resumed from step 2
+  assert resumed["finished"] and resumed["step"] == 4
