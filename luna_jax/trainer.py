@@ -10,6 +10,7 @@ accepted and how damaged checkpoints are recovered is `luna_jax.workdir`.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import threading
@@ -53,6 +54,9 @@ def model_config(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails before any compute on a config that cannot work, naming the field (ConfigError)."""
+  for field, value in wd.flatten(config.to_dict()).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{field}={value} must be a finite number")
   m = config.model
   if m.attention not in ATTENTION_NAMES:
     raise ConfigError(f"config.model.attention={m.attention!r} is not a known attention; "
@@ -402,6 +406,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpts.wait()
     else:
       first_step, state, iter_state = restored
+      wd.check_steps(workdir, first_step, config.num_train_steps)
       train_iter.set_state(iter_state)
     wd.record_config(workdir, config, changes, first_step, identity)
     wd.start_at(workdir, first_step, config.num_train_steps)
@@ -476,8 +481,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if is_log or is_eval or is_ckpt or stopping is not None:
           fb = int(first_bad)
           if fb >= 0:
-            msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good "
-                   f"checkpoint in {ckpts.dir} is kept (step {ckpts.latest_step()}).")
+            last = ckpts.latest_step()
+            msg = f"training loss became NaN/Inf at step {fb}; stopping. " + (
+                f"The last good checkpoint in {ckpts.dir} is kept (step {last})."
+                if last is not None else "No checkpoint was saved before it.")
             if jax.process_index() == 0:   # marker read by luna_jax.experiments.results
               with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
                 f.write(f"NonFiniteLossError: {msg}\n")
@@ -487,6 +494,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           dt = time.time() - t_log
           rec = {f"train_{k}": float(v) / acc_n for k, v in host.items()}
           rec["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+          if acc_n != (step - 1) % config.log_every + 1:   # since a resume, not log_every
+            rec["averaged_steps"] = acc_n
           rec["steps_per_s"] = acc_n / dt
           rec["examples_per_s"] = acc_n * config.batch_size / dt
           if (peak := _peak_memory_bytes()) is not None:

@@ -8,7 +8,9 @@ bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep an
                                   its settings) and the device count; written with config.json
   WORKDIR/config_history.jsonl    one line per resume that changed the config or device count:
                                   {"step": N, "time": ..., "changes": {field: [old, new]}}
-  WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null
+  WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null; a
+                                  training record averages the log_every steps up to s, or
+                                  the `averaged_steps` it names (the first after a resume)
   WORKDIR/results.json            written at the end, from the best checkpoint that exists
   WORKDIR/FAILED                  why the last attempt failed (a rerun removes it)
   WORKDIR/LOCK                    {"host", "pid"} of the one process writing the folder
@@ -22,13 +24,16 @@ Resume rules (`resume_changes`). A workdir that holds checkpoints is resumed onl
 that makes the same model on the same data. Fields are classified here and nowhere else:
 * model/data (`MODEL_DATA`): everything not listed below: `model.*`, `task`, `seq_len`,
   `data_dir`, `batch_size`, `seed`, `append_eos`, the task's data group (`listops.*`,
-  `pathfinder.*`) and any field this module does not know. A change fails before any compute,
+  `pathfinder.*`), `grain_workers` (the checkpointed data iterator's state has its form) and any
+  field this module does not know. A change fails before any compute,
   naming each field with its old and new value.
 * schedule (`SCHEDULE_FIELDS`): the optimizer and its schedule. Changed only with
   `--config.allow_resume_changes=true`.
-* bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, workers, labels,
+* bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, labels,
   and how the same model is computed (remat, attention implementation). Always accepted.
-Every accepted change is appended to config_history.jsonl.
+Every accepted change is appended to config_history.jsonl. `num_train_steps` below the step of
+the restored checkpoint is refused whatever the flags (`check_steps`): a run is not shortened
+after the fact.
 The data itself (`identity_changes`): a split file whose sha256 differs from identity.json's (an
 edited file under an unchanged data_dir), or generated data of other settings, is refused like a
 model/data field, naming the file and both hashes. A changed device count is accepted (the
@@ -96,7 +101,7 @@ SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "warmup_init_lr", "num_train
                    "schedule", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
                    "one_cycle.*")
 BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "log_every", "checkpoint_every",
-                      "keep_checkpoints", "grain_workers", "protocol", "allow_resume_changes",
+                      "keep_checkpoints", "protocol", "allow_resume_changes",
                       "allow_truncation",
                       # how the same model is computed (same parameters, same data)
                       "model.remat", "model.*.implementation", "model.luna.use_flash")
@@ -594,6 +599,15 @@ def converted_from_other(workdir: str, source: str) -> str | None:
   show = lambda d: ", ".join(f"{k} {d.get(k)}" for k in fields)
   return (f"{workdir} was converted from another source checkpoint ({show(stored)}) than "
           f"{source}'s best ({show(now)})")
+
+
+def check_steps(workdir: str, step: int, num_train_steps: int) -> None:
+  """ConfigMismatchError if the restored checkpoint `step` is past `num_train_steps`."""
+  if step > num_train_steps:
+    raise ConfigMismatchError(
+        f"config.num_train_steps={num_train_steps} is below step {step} of the checkpoint in "
+        f"{path(workdir, CHECKPOINTS_DIR)}: a run is not shortened after the fact; rerun with "
+        f"num_train_steps >= {step}, or use a new --workdir")
 
 
 def record_config(workdir: str, config: ml_collections.ConfigDict, changes: Sequence[Change],

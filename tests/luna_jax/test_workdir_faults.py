@@ -556,3 +556,54 @@ def test_an_empty_workdir_is_refused(tmp_path):
       "train.py: error: WorkdirError: the workdir is empty ('': an unset shell variable?): "
       "name a folder for the run, e.g. --workdir=runs/NAME")
   assert os.listdir(tmp_path) == []                               # nothing in the cwd
+
+
+# ----------------------------------------------------------------------------- fields that matter
+
+def test_a_changed_grain_workers_is_refused_before_the_restore(tmp_path):
+  run(config_of(steps=2), tmp_path)
+  with pytest.raises(wd.ConfigMismatchError, match=r"config.grain_workers: 0 -> 2"):
+    run(config_of(steps=4, grain_workers=2, allow_resume_changes=True), tmp_path)
+  assert not (tmp_path / wd.CONFIG_HISTORY_FILE).exists()
+
+
+def test_num_train_steps_below_the_finished_step_is_refused(tmp_path):
+  run(config_of(steps=4), tmp_path)
+  results = (tmp_path / wd.RESULTS_FILE).read_bytes()
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    run(config_of(steps=2, allow_resume_changes=True), tmp_path)
+  assert str(e.value) == (
+      f"config.num_train_steps=2 is below step 4 of the checkpoint in "
+      f"{tmp_path / wd.CHECKPOINTS_DIR}: a run is not shortened after the fact; rerun with "
+      "num_train_steps >= 4, or use a new --workdir")
+  assert (tmp_path / wd.RESULTS_FILE).read_bytes() == results
+  assert json.loads((tmp_path / wd.CONFIG_FILE).read_text())["num_train_steps"] == 4
+
+
+@pytest.mark.parametrize("field,value", [("learning_rate", math.inf), ("weight_decay", math.nan),
+                                         ("grad_clip", math.nan), ("adam_eps", -math.inf)])
+def test_non_finite_float_fields_are_refused(tmp_path, field, value):
+  with pytest.raises(wd.ConfigError) as e:
+    run(config_of(**{field: value}), tmp_path / "run")
+  assert str(e.value) == f"config.{field}={value} must be a finite number"
+  assert not (tmp_path / "run").exists()
+
+
+def test_divergence_before_the_first_checkpoint_says_so(tmp_path):
+  config = config_of(steps=8, every=8, learning_rate=1e30)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    run(config, tmp_path)
+  assert "No checkpoint was saved before it." in str(e.value)
+  assert "step None" not in str(e.value)
+  assert "No checkpoint was saved" in (tmp_path / wd.FAILED_FILE).read_text()
+
+
+def test_the_first_record_after_a_resume_names_the_steps_it_averages(tmp_path):
+  run(config_of(steps=2, log_every=4), tmp_path)
+  run(config_of(steps=6, log_every=4, allow_resume_changes=True), tmp_path)
+  train = {r["step"]: r for r in records(tmp_path) if "train_loss" in r}
+  assert sorted(train) == [2, 4, 6]
+  assert [train[s].get("averaged_steps") for s in (2, 4, 6)] == [None, 2, None]
+  whole = tmp_path / "whole"
+  run(config_of(steps=6, log_every=4), whole)
+  assert not any("averaged_steps" in r for r in records(whole))
