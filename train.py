@@ -13,7 +13,8 @@ r"""Trains an LRA classifier. Flags only; the work is `luna_jax.trainer.train_an
   checkpoint; a finished run is evaluated again. With no readable checkpoint left, a folder that
   holds an earlier run's best/ and results.json is started over only with --start_over. A config that changes the model or the data of
   the checkpoints is refused; schedule changes need --config.allow_resume_changes=true.
---verbosity=0: show the libraries' INFO logging (quiet by default).
+--verbosity=0: show the libraries' INFO logging (quiet by default) and the traceback of an
+  error (otherwise one line; LUNA_JAX_TRACEBACK=1 shows it too).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or set
 LUNA_JAX_DISTRIBUTED=1 on TPU pods and Slurm (auto-detected).
 """
@@ -33,7 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import lra_tasks  # noqa: E402
 from configs import common  # noqa: E402
-from luna_jax import metrics, trainer, workdir as wd  # noqa: E402
+from luna_jax import cli, metrics, trainer, transfer, workdir as wd  # noqa: E402
 from luna_jax.experiments import sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -48,8 +49,9 @@ _START_OVER = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-help", "-?")
-# Errors that mean bad input, not a bug: printed as one line (no traceback).
+# Errors that mean bad input, not a bug: printed as one line (luna_jax/cli.py).
 USER_ERRORS = (wd.ConfigError, lra_tasks.DataError, wd.CheckpointError, wd.WorkdirError,
+               wd.DamagedFileError, transfer.IncompatibleSourceError,
                trainer.NonFiniteLossError)
 
 
@@ -65,8 +67,8 @@ def main(argv):
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value, start_over=_START_OVER.value)
   except USER_ERRORS as e:
-    _fail(f"{type(e).__name__}: {e}",
-          wd.BUSY_EXIT_STATUS if isinstance(e, wd.WorkdirBusyError) else 1)
+    cli.fail("train.py", e, wd.BUSY_EXIT_STATUS if isinstance(e, wd.WorkdirBusyError) else 1,
+             traceback_too=flags.FLAGS["verbosity"].present)
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:

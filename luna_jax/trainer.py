@@ -110,6 +110,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f"got {m.get('patch_size', 0)}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
+  if config.schedule == "cosine" and 0 < config.num_train_steps <= max(config.warmup_steps, 1):
+    raise ConfigError(f"config.num_train_steps={config.num_train_steps} must be more than "
+                      f"config.warmup_steps={config.warmup_steps} (at least 1) for "
+                      "config.schedule='cosine', which decays after the warmup")
   carries_p = getattr(get_attention(m.attention), "carries_p", False)
   if carries_p and m.block != "post_ln":
     raise ConfigError(f"config.model.block={m.block!r}, but {m.attention} runs its own post-LN "
@@ -177,7 +181,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     oc = config.one_cycle
     start = lr / oc.div_factor
     return _one_cycle(config, start, lr, start / oc.final_div_factor)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.num_train_steps)
+  # (A 0-step run, a converted model evaluated as it is, never uses it: any decay end will do.)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup,
+                                            max(config.num_train_steps, warmup + 1))
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -288,12 +294,23 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     jax.distributed.initialize()
 
 
+class _Interrupted(Exception):
+  """A SIGTERM/SIGINT during the final evaluation (`_StopFlag.raise_from_now`)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
 class _StopFlag:
-  """Set by SIGTERM/SIGINT so the loop can save and exit cleanly at a step boundary."""
+  """Set by SIGTERM/SIGINT so the loop can save and exit cleanly at a step boundary; after the
+  loop (`raise_from_now`), a signal interrupts the final evaluation instead: its checkpoint is
+  saved, and the rerun evaluates it."""
 
   def __init__(self):
     self.signal: int | None = None
     self._old = {}
+    self._raising = False
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
@@ -304,6 +321,15 @@ class _StopFlag:
   def _handle(self, signum, frame):
     del frame
     self.signal = signum
+    if self._raising:
+      self._raising = False        # once: the cleanup that follows is not interrupted
+      raise _Interrupted(signum)
+
+  def raise_from_now(self) -> None:
+    """From now on a signal raises _Interrupted (at once if one came already)."""
+    if self.signal is not None:
+      raise _Interrupted(self.signal)
+    self._raising = True
 
   def restore(self) -> None:
     for sig, old in self._old.items():
@@ -394,7 +420,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpts = wd.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
   writer = None
   try:
-    restored = ckpts.restore_latest(target)
+    restored = ckpts.restore_latest(target, train_iter.set_state)
     if restored is None:
       wd.check_start_over(workdir, start_over)
       first_step = 0
@@ -405,9 +431,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpts.save(0, state, train_iter.get_state(), force=True)
         ckpts.wait()
     else:
-      first_step, state, iter_state = restored
+      first_step, state = restored
       wd.check_steps(workdir, first_step, config.num_train_steps)
-      train_iter.set_state(iter_state)
     wd.record_config(workdir, config, changes, first_step, identity)
     wd.start_at(workdir, first_step, config.num_train_steps)
     ckpts.prune_best_after(first_step)
@@ -517,9 +542,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           stopped_by = signal.Signals(stopping).name
           break
       ckpts.wait()
-    finally:
+    except BaseException:
       stop.restore()
+      raise
     if stopped_by is not None:
+      stop.restore()
       _say(f"received {stopped_by}: saved step {step}; rerun the same command to resume")
 
     results: dict[str, Any] = {
@@ -531,8 +558,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.get("init_from"):
       results["init_from"] = wd.read_json(wd.path(workdir, wd.INIT_FROM_FILE))
     if stopped_by is None:
-      results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
-                                       abstract, state_sh, progress))
+      try:
+        stop.raise_from_now()
+        results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
+                                         abstract, state_sh, progress))
+      except _Interrupted as e:
+        results["finished"] = False
+        _say(f"received {e}: during the final evaluation; step {step} is saved, rerun the "
+             "same command to evaluate it")
+        return results
+      finally:
+        stop.restore()
       train_recs = [r for r in wd.read_metrics(workdir)
                     if isinstance(r.get("steps_per_s"), (int, float))]
       if train_recs:
@@ -633,7 +669,7 @@ def _convert_from(config: ml_collections.ConfigDict, cfg: models.ModelConfig, st
   source = os.path.abspath(config.init_from)
   try:
     src_config, src_params, src_step = wd.load_params(source, "best")
-  except FileNotFoundError as e:
+  except (FileNotFoundError, wd.CheckpointError) as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
   params, report = transfer.transfer(src_params, jax.device_get(state.params),
                                      target_is_luna=models.carries_p(cfg))

@@ -72,7 +72,7 @@ import shutil
 import socket
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 
@@ -117,6 +117,10 @@ class ConfigError(ValueError):
 
 class ConfigMismatchError(ConfigError):
   """The config differs from the one the workdir's checkpoints were made with."""
+
+
+class DamagedFileError(ValueError):
+  """A run file (config.json, metrics.jsonl, ...) that is not what this module writes."""
 
 
 class CheckpointError(RuntimeError):
@@ -176,8 +180,8 @@ def write_json(file: str, obj: Any) -> None:
 
 
 def read_json(file: str) -> Any:
-  """The JSON object in `file`, or None if there is no such file; ValueError naming it if it
-  is not JSON."""
+  """The JSON object in `file`, or None if there is no such file; DamagedFileError naming it if
+  it is not JSON."""
   if not os.path.exists(file):
     return None
   with open(file) as f:
@@ -185,13 +189,13 @@ def read_json(file: str) -> Any:
   try:
     return json.loads(text)
   except ValueError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from None
+    raise DamagedFileError(f"{file}: not valid JSON ({e}); repair or delete it") from None
 
 
 def read_jsonl(file: str) -> list[dict[str, Any]]:
   """The records of a JSON-lines file ([] if there is none). A last line without its newline
   that does not parse is a write cut short by a kill and is skipped; any other bad line is a
-  ValueError naming the file and line."""
+  DamagedFileError naming the file and line."""
   if not os.path.exists(file):
     return []
   with open(file) as f:
@@ -206,7 +210,8 @@ def read_jsonl(file: str) -> list[dict[str, Any]]:
       if i == len(lines):        # no newline after it: cut short
         log.warning("%s:%d: ignoring an incomplete last line (a write cut short)", file, i)
         continue
-      raise ValueError(f"{file}:{i}: not a JSON object ({e})") from None
+      raise DamagedFileError(f"{file}:{i}: not a JSON object ({e}); repair or delete that "
+                             "line") from None
   return records
 
 
@@ -795,10 +800,12 @@ class Checkpoints:
 
   # -- restore
 
-  def restore_latest(self, target: Any) -> tuple[int, Any, Any] | None:
-    """(step, state, data iterator state) of the newest readable checkpoint, or None if there
-    is none. An unreadable one is logged (file and reason) and moved to
-    checkpoints/corrupt-<step>/; CheckpointError if every checkpoint is unreadable."""
+  def restore_latest(self, target: Any, set_iter_state: Callable[[Any], None]
+                     ) -> tuple[int, Any] | None:
+    """(step, state) of the newest readable checkpoint, its data iterator state given to
+    `set_iter_state`; None if there is none. An unreadable one (its iterator state refused too)
+    is logged (file and reason) and moved to checkpoints/corrupt-<step>/; CheckpointError if
+    every checkpoint is unreadable."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     moved = []
     for step in sorted(self.mngr.all_steps(), reverse=True):
@@ -809,7 +816,8 @@ class Checkpoints:
         restored = self.mngr.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(target),
             DATA_ITER_ITEM: ocp.args.JsonRestore()}))
-        return step, restored[STATE_ITEM], restored[DATA_ITER_ITEM]
+        set_iter_state(restored[DATA_ITER_ITEM])
+        return step, restored[STATE_ITEM]
       except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -954,6 +962,15 @@ def _local_target(tree: Any) -> Any:
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
 
 
+def _readable(step_dir: str, restore: Callable[[], Any]) -> Any:
+  """restore(), or CheckpointError naming the unreadable file of `step_dir` and why."""
+  try:
+    return restore()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"the checkpoint {step_dir} is unreadable: "
+                          f"{_unreadable_file(step_dir, e)} ({_first_line(e)})") from e
+
+
 def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, params, step) of a train_and_evaluate workdir, on one local device whatever
   topology saved them.
@@ -972,16 +989,19 @@ def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.Confi
   if which in ("auto", "best") and os.path.isdir(best_dir):
     with ocp.CheckpointManager(best_dir, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
       if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step))
-        return config, mngr.restore(step, args=ocp.args.StandardRestore(target)), step
+        def best():
+          target = _local_target(mngr.item_metadata(step))
+          return mngr.restore(step, args=ocp.args.StandardRestore(target))
+        return config, _readable(os.path.join(best_dir, str(step)), best), step
   if which in ("auto", "latest") and os.path.isdir(ckpt_dir):
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
                 DATA_ITER_ITEM: ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as mngr:
       if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step)[STATE_ITEM])
-        restored = mngr.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(target)}))
-        return config, restored[STATE_ITEM]["params"], step
+        def latest():
+          target = _local_target(mngr.item_metadata(step)[STATE_ITEM])
+          return mngr.restore(step, args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]["params"]
+        return config, _readable(os.path.join(ckpt_dir, str(step)), latest), step
   raise FileNotFoundError(f"no {which} checkpoint under {workdir!r} (looked in {best_dir} and "
                           f"{ckpt_dir})")

@@ -607,3 +607,41 @@ def test_the_first_record_after_a_resume_names_the_steps_it_averages(tmp_path):
   whole = tmp_path / "whole"
   run(config_of(steps=6, log_every=4), whole)
   assert not any("averaged_steps" in r for r in records(whole))
+
+
+# ----------------------------------------------------------------------------- signals, damage
+
+def test_garbage_iterator_state_is_an_unreadable_checkpoint(reference, tmp_path, caplog):
+  config = config_of()
+  run(config, tmp_path)
+  (tmp_path / wd.CHECKPOINTS_DIR / "4" / "data_iter" / "metadata").write_text('{"foo": 1}')
+  with caplog.at_level(logging.WARNING, logger="luna_jax"):
+    run(config, tmp_path)
+  assert any("checkpoint step 4 is unreadable" in r.getMessage() for r in caplog.records)
+  assert (tmp_path / wd.CHECKPOINTS_DIR / "corrupt-4").is_dir()
+  assert_same_params(params_of(tmp_path), reference[1])          # redone from step 2
+  assert_consistent(tmp_path, config)
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_a_signal_during_the_final_evaluation_keeps_the_step_and_the_rerun_evaluates(
+    reference, tmp_path, monkeypatch, capsys, signals):
+  original = trainer._final_evaluation
+
+  def interrupted(*args, **kwargs):
+    for s in signals:
+      os.kill(os.getpid(), s)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "_final_evaluation", interrupted)
+  config = config_of()
+  results = run(config, tmp_path)
+  name = signal.Signals(signals[0]).name
+  assert (f"received {name}: during the final evaluation; step 4 is saved, rerun the same "
+          "command to evaluate it") in capsys.readouterr().out
+  assert not results["finished"] and not (tmp_path / wd.RESULTS_FILE).exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+  monkeypatch.setattr(trainer, "_final_evaluation", original)
+  again = run(config, tmp_path)
+  assert again["test_accuracy"] == reference[0]["test_accuracy"]
+  assert_consistent(tmp_path, config)
