@@ -37,11 +37,16 @@ import types
 from typing import Any, Callable, Sequence
 
 from luna_jax.experiments import results as results_lib
+from luna_jax import cli
 from luna_jax import workdir as wd
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESERVED = ("config", "arg", "name")
 LOG_FILE = wd.SWEEP_LOG_FILE
+
+
+class SweepError(ValueError):
+  """A sweep file that cannot be expanded; the message names the file and what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,12 @@ def load_module(path: str) -> types.ModuleType:
   if key not in _MODULES:         # config files import `configs.common` (pip install -e .)
     spec = importlib.util.spec_from_file_location(f"_sweep_{full.stem}", full)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except SyntaxError as e:
+      raise SweepError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise SweepError(f"{path}: importing it failed: {cli.one_line(e)}") from e
     _MODULES[key] = module
   return _MODULES[key]
 
@@ -104,7 +114,7 @@ def resolve_config(config_file: str, config_arg: str, overrides: Sequence[tuple[
     for p in parents:
       node = node[p]
     if leaf not in node:
-      raise ValueError(f"sweep sets unknown config field {key!r} ({config_file}:{config_arg})")
+      raise SweepError(f"sweep sets unknown config field {key!r} ({config_file}:{config_arg})")
     node[leaf] = value
   return config
 
@@ -123,22 +133,46 @@ def run_name(config, tag: str = "") -> str:
 
 
 def to_point(d: dict[str, Any]) -> Point:
-  """A sweep dict -> Point (the config is resolved to name the workdir)."""
-  if "config" not in d:
-    raise ValueError(f"sweep point {d} has no 'config' (the config file)")
+  """A sweep dict -> Point (the config is resolved to name the workdir); SweepError naming the
+  point if it cannot be."""
+  if not isinstance(d, dict) or "config" not in d:
+    raise SweepError(f"sweep point {d!r} is not a dict with a 'config' (the config file)")
   overrides = tuple((k.removeprefix("config."), v) for k, v in d.items() if k not in RESERVED)
-  config = resolve_config(d["config"], d.get("arg", ""), overrides)
-  return Point(d["config"], d.get("arg", ""), overrides, run_name(config, d.get("name", "")))
+  try:
+    config = resolve_config(d["config"], d.get("arg", ""), overrides)
+    return Point(d["config"], d.get("arg", ""), overrides, run_name(config, d.get("name", "")))
+  except SweepError:
+    raise
+  except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    raise SweepError(f"sweep point {d}: {cli.one_line(e)}") from e
+
+
+def sweep_dicts(spec: str) -> list[dict[str, Any]]:
+  """What `get_sweep(arg)` of `SWEEP_FILE[:arg]` returns; SweepError unless a list."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
+  if not callable(getattr(module, "get_sweep", None)):
+    raise SweepError(f"{path} has no get_sweep(arg) function (a sweep file defines one that "
+                     "returns a list of dicts; see configs/sweeps/hyper.py)")
+  try:
+    points = module.get_sweep(arg or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"{path}: get_sweep({arg or None!r}) failed: {cli.one_line(e)}") from e
+  if not isinstance(points, (list, tuple)):
+    raise SweepError(f"{path}: get_sweep returned a {type(points).__name__}, expected a list of "
+                     "dicts")
+  return list(points)
 
 
 def expand(spec: str) -> list[Point]:
-  """Points of `SWEEP_FILE[:arg]`, in the sweep's order; fails on duplicate workdir names."""
-  path, _, arg = spec.partition(":")
-  points = [to_point(d) for d in load_module(path).get_sweep(arg or None)]
+  """Points of `SWEEP_FILE[:arg]`, in the sweep's order; SweepError naming what is wrong (a
+  file that does not import, no get_sweep, not a list of dicts, an unknown field, two points
+  with one workdir)."""
+  points = [to_point(d) for d in sweep_dicts(spec)]
   seen: dict[str, Point] = {}
   for p in points:
     if p.name in seen:
-      raise ValueError(f"two sweep points share the workdir {p.name!r}: {seen[p.name]} and {p}; "
+      raise SweepError(f"two sweep points share the workdir {p.name!r}: {seen[p.name]} and {p}; "
                        "add a 'name' tag to tell them apart")
     seen[p.name] = p
   return points
@@ -317,7 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if not args.root.strip():
     parser.error("--root is empty (an unset shell variable?): name the folder of the runs")
-  points = expand(args.sweep)
+  try:
+    points = expand(args.sweep)
+  except (SweepError, FileNotFoundError) as e:
+    cli.fail(parser.prog, e, 2)
   if args.only:
     points = [p for p in points if re.search(args.only, p.name)]
   if args.launcher == "tpu":

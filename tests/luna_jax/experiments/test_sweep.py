@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -266,3 +267,29 @@ def test_a_rerun_with_other_extra_flags_is_refused_not_skipped(tmp_path, monkeyp
 
 def point_config_value(point):
   return repr(sweep.point_config(point).model.dropout)
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py'\n",
+     r"bad.py:\d+: syntax error: "),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropuot': 0.1}]\n", "sweep sets unknown config field 'model.dropuot'"),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropout': d} for d in (0.1, 0.2)]\n", "two sweep points share the workdir"),
+    ("POINTS = []\n", r"bad.py has no get_sweep\(arg\) function"),
+    ("def get_sweep(arg=None):\n  return {'config': 'configs/listops.py'}\n",
+     "get_sweep returned a dict, expected a list of dicts"),
+    ("def get_sweep(arg=None):\n  return ['configs/listops.py']\n",
+     "sweep point 'configs/listops.py' is not a dict with a 'config'"),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropout': 'high'}]\n", r"sweep point .*: "),
+])
+def test_malformed_sweep_files_are_one_line(tmp_path, capsys, body, message):
+  (tmp_path / "bad.py").write_text(body)
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["run", str(tmp_path / "bad.py"), "--root", str(tmp_path / "runs")])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("python -m luna_jax.experiments.sweep: error: SweepError: ")
+  assert re.search(message, err), err
