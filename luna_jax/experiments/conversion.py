@@ -30,8 +30,24 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from luna_jax import trainer
+import lra_tasks
+from luna_jax import cli, trainer, transfer
 from luna_jax import workdir as wd
+
+PROG = "python -m luna_jax.experiments.conversion"
+# Errors that mean bad input, not a bug: one line (luna_jax/cli.py).
+USER_ERRORS = (wd.ConfigError, wd.CheckpointError, wd.WorkdirError, wd.DamagedFileError,
+               lra_tasks.DataError, transfer.IncompatibleSourceError,
+               trainer.NonFiniteLossError, FileNotFoundError)
+
+
+class StudyStopped(Exception):
+  """A run of the study was stopped by SIGINT/SIGTERM (its step is saved)."""
+
+
+class SourceError(ValueError):
+  """--source is not a finished run."""
+
 
 TARGETS = ("learned_kernel", "linear_elu", "performer", "cheap_linear", "cosformer", "luna")
 
@@ -88,7 +104,8 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
   source = wd.load_config(source_dir)
   source_results = wd.read_json(wd.path(source_dir, wd.RESULTS_FILE))
   if source_results is None or "test_accuracy" not in source_results:
-    raise ValueError(f"--source {source_dir}: no finished run (results.json with test_accuracy)")
+    raise SourceError(f"--source {source_dir}: no finished run (results.json with "
+                      "test_accuracy)")
   base = float(source_results["test_accuracy"])
   rows = []
   nan = float("nan")
@@ -110,6 +127,9 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
                      scratch_majority=float("nan"))
           continue
         res = run_point(source_dir, source, target, n, kind, root, train)
+        if res is not None and not res.get("finished"):
+          raise StudyStopped(f"{target} {kind} N={n} was stopped at step {res.get('step')} "
+                             "(its checkpoint is saved); rerun the same command to go on")
         if res is None:
           row.update({f"{kind}_test_accuracy": float("nan"), f"{kind}_recovered": float("nan"),
                       f"{kind}_majority": float("nan")})
@@ -185,7 +205,7 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m luna_jax.experiments.conversion",
+  parser = argparse.ArgumentParser(prog=PROG,
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--source", required=True, help="workdir of a finished (softmax) run")
@@ -197,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   targets = [t for t in args.targets.split(",") if t]
   steps = [int(s) for s in args.steps.split(",") if s]
-  rows = run_study(args.source, targets, steps, args.root, train=not args.table_only)
+  try:
+    rows = run_study(args.source, targets, steps, args.root, train=not args.table_only)
+  except StudyStopped as e:
+    print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+    return 0
+  except USER_ERRORS + (SourceError,) as e:
+    cli.fail(PROG, e)
   files = write_outputs(rows, args.root, args.source)
   print(open(files["md"]).read())
   print(json.dumps(files), file=sys.stderr)

@@ -163,3 +163,40 @@ def test_a_converted_run_no_longer_needs_its_source(source, tmp_path):
   tuned.num_train_steps, tuned.allow_resume_changes = 4, True
   resumed = trainer.train_and_evaluate(tuned, str(tmp_path / "n2"))     # resumed from step 2
   assert resumed["finished"] and resumed["step"] == 4
+
+
+def test_a_signal_during_a_study_point_stops_the_study_in_one_line(source, tmp_path,
+                                                                   monkeypatch, capsys):
+  import signal  # pylint: disable=g-import-not-at-top
+  tick = trainer.metrics_lib.Progress.tick
+
+  def interrupted(self, step):
+    os.kill(os.getpid(), signal.SIGINT)
+    return tick(self, step)
+
+  monkeypatch.setattr(trainer.metrics_lib.Progress, "tick", interrupted)
+  args = ["--source", source, "--targets", "linear_elu", "--steps", "3",
+          "--root", str(tmp_path)]
+  assert conversion.main(args) == 0
+  captured = capsys.readouterr()
+  assert "received SIGINT: saved step 1" in captured.out
+  assert captured.err == (f"{conversion.PROG}: linear_elu converted N=3 was stopped at step 1 "
+                          "(its checkpoint is saved); rerun the same command to go on\n")
+  monkeypatch.setattr(trainer.metrics_lib.Progress, "tick", tick)
+  assert conversion.main(args) == 0
+  assert "| linear_elu | 3 |" in (tmp_path / "conversion.md").read_text()
+
+
+def test_study_input_errors_are_one_line(source, tmp_path, capsys):
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(source, unfinished)
+  (unfinished / wd.RESULTS_FILE).unlink()
+  for args, message in [
+      (["--source", str(tmp_path / "missing")], "FileNotFoundError: no config.json in"),
+      (["--source", str(unfinished)], f"SourceError: --source {unfinished}: no finished run")]:
+    with pytest.raises(SystemExit) as e:
+      conversion.main(args + ["--targets", "linear_elu", "--steps", "0", "--root",
+                              str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"{conversion.PROG}: error: {message}")
