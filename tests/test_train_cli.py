@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -167,3 +168,44 @@ def test_init_from_an_incompatible_or_damaged_source_is_one_line(finished, tmp_p
                          "is unreadable")
   assert sorted(os.listdir(tmp_path / "conv")) == [wd.BEST_DIR, wd.CHECKPOINTS_DIR]   # empty
   assert not wd.has_checkpoints(str(tmp_path / "conv"))
+
+
+DISK_FULL = """
+import errno, os, runpy, sys
+sys.path.insert(0, os.getcwd())
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as handler
+original = handler.JsonCheckpointHandler._save_fn
+async def disk_full(self, item, directory):
+  if f"{os.sep}4.orbax-checkpoint-tmp" in str(directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+  return await original(self, item, directory)
+handler.JsonCheckpointHandler._save_fn = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_disk_full_is_one_line_without_orbax_noise(tmp_path):
+  cmd = _cmd(tmp_path / "run", 8, 2)
+  r = subprocess.run([cmd[0], "-c", DISK_FULL] + cmd[1:], cwd=REPO,
+                     env=_env(8, os.environ["LUNA_JAX_CACHE"]), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 1
+  assert r.stderr.count("\n") == 1, r.stderr
+  assert r.stderr.startswith("train.py: error: CheckpointError: saving checkpoint step 4 to ")
+  assert "No space left on device" in r.stderr and "checkpoint step 2 is intact" in r.stderr
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_errors_kept(monkeypatch, capsys):
+  import sys as sys_  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from luna_jax import metrics  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(sys_, "unraisablehook", lambda a: seen.append(a.exc_value))
+  monkeypatch.setattr(threading, "excepthook", lambda a: seen.append(a.exc_value))
+  metrics._quiet_closed_event_loops()
+  closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+  for error in (closed, other):
+    sys_.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
+    threading.excepthook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
+  assert seen == [other, other]
