@@ -101,16 +101,15 @@ def _one_line_error(r: subprocess.CompletedProcess, expected: str) -> str:
 def finished(tmp_path_factory):
   """A finished 2-step run of the _cmd config (train.py), to damage in copies."""
   workdir = tmp_path_factory.mktemp("finished") / "run"
-  r = subprocess.run(_cmd(workdir, 2, 2), cwd=REPO,
-                     env=_env(8, tmp_path_factory.mktemp("cache")), capture_output=True,
-                     text=True, timeout=600)
+  r = subprocess.run(_cmd(workdir, 2, 2), cwd=REPO, env=_env(8, workdir.parent / "cache"),
+                     capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return workdir
 
 
-def _run(workdir, *extra, steps=2):
+def _run(workdir, *extra, steps=2, cache=None):
   return subprocess.run(_cmd(workdir, steps, 2, list(extra)), cwd=REPO,
-                        env=_env(8, os.environ["LUNA_JAX_CACHE"]), capture_output=True,
+                        env=_env(8, cache or os.environ["LUNA_JAX_CACHE"]), capture_output=True,
                         text=True, timeout=600)
 
 
@@ -146,7 +145,8 @@ def test_a_damaged_run_file_is_one_line(finished, tmp_path, file, damage, expect
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
   (workdir / file).write_text(damage((workdir / file).read_text()))
-  line = _one_line_error(_run(workdir), f"DamagedFileError: {workdir / file}")
+  line = _one_line_error(_run(workdir, cache=finished.parent / "cache"),
+                         f"DamagedFileError: {workdir / file}")
   assert expected in line and "repair or delete" in line
 
 
@@ -209,3 +209,13 @@ def test_closed_event_loop_noise_is_dropped_and_other_errors_kept(monkeypatch, c
     sys_.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
     threading.excepthook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
   assert seen == [other, other]
+
+
+def test_the_traceback_comes_back_on_request(tmp_path):
+  env = _env(8, os.environ["LUNA_JAX_CACHE"])
+  env["LUNA_JAX_TRACEBACK"] = "1"
+  r = subprocess.run(_cmd(tmp_path / "run", 5, 2, ["--config.schedule=cosine",
+                                                   "--config.warmup_steps=5"]),
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: ConfigError: ")

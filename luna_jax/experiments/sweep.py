@@ -238,7 +238,10 @@ def point_config(point: Point, extra: Sequence[str] = ()):
   """The config train.py runs for `point` with the extra `--config.KEY=VALUE` flags."""
   from configs import common  # pylint: disable=g-import-not-at-top
   config = resolve_config(point.config_file, point.config_arg, point.overrides)
-  common.apply_overrides(config, dict(a[len("--config."):].split("=", 1) for a in extra))
+  try:
+    common.apply_overrides(config, dict(a[len("--config."):].partition("=")[::2] for a in extra))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise SweepError(f"{' '.join(extra)}: {cli.one_line(e)}") from e
   return config
 
 
@@ -373,9 +376,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.path.abspath(args.root)
     if args.parallel > 1:   # several runs on one GPU must not each grab 75% of its memory
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    outcome = run_sweep(points, root, lambda p: local_command(p, root, extra),
-                        runner=run_logged, parallel=args.parallel, dry_run=args.dry_run,
-                        retry_diverged=args.retry_diverged, extra=extra)
+    try:
+      outcome = run_sweep(points, root, lambda p: local_command(p, root, extra),
+                          runner=run_logged, parallel=args.parallel, dry_run=args.dry_run,
+                          retry_diverged=args.retry_diverged, extra=extra)
+    except (SweepError, wd.DamagedFileError) as e:
+      cli.fail(parser.prog, e, 2)
   failed = [n for n, o in outcome.items() if o.startswith(("failed", "refused"))]
   if not args.dry_run:
     print(f"{len(points)} points: {sum(o == 'ok' for o in outcome.values())} ran, "

@@ -473,7 +473,8 @@ def test_two_train_processes_on_one_workdir(tmp_path):
 # ----------------------------------------------------------------------------- data identity
 
 @pytest.mark.parametrize("data", ["official", "generated"])
-def test_a_changed_data_file_under_a_stopped_run_is_refused(tmp_path, data):
+def test_a_changed_data_file_under_a_stopped_run_is_refused(tmp_path, monkeypatch, data):
+  monkeypatch.setenv("LUNA_JAX_CACHE", str(tmp_path / "cache"))   # edits its own copy
   config = config_of(steps=2, data_dir=str(_listops_dir(tmp_path)) if data == "official" else "")
   workdir = tmp_path / "run"
   run(config, workdir)

@@ -293,3 +293,20 @@ def test_malformed_sweep_files_are_one_line(tmp_path, capsys, body, message):
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert err.startswith("python -m luna_jax.experiments.sweep: error: SweepError: ")
   assert re.search(message, err), err
+
+
+def test_a_bad_extra_flag_or_a_damaged_point_folder_is_one_line(tmp_path, capsys):
+  args = ["run", "configs/sweeps/quick.py", "--root", str(tmp_path), "--only", "softmax"]
+  with pytest.raises(SystemExit) as e:
+    sweep.main(args + ["--config.nonexistent=1"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1, err
+  assert "SweepError: --config.nonexistent=1: ValueError: config argument sets unknown field" in err
+  workdir = sweep.expand("configs/sweeps/quick.py")[1].workdir(str(tmp_path))
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, wd.METRICS_FILE), "w") as f:
+    f.write("garbage\n")
+  with pytest.raises(SystemExit):
+    sweep.main(args)
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"DamagedFileError: {workdir}/{wd.METRICS_FILE}:1" in err, err
