@@ -8,6 +8,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -310,3 +311,26 @@ def test_a_bad_extra_flag_or_a_damaged_point_folder_is_one_line(tmp_path, capsys
     sweep.main(args)
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"DamagedFileError: {workdir}/{wd.METRICS_FILE}:1" in err, err
+
+
+def test_two_sweeps_on_one_root_train_each_point_once(tmp_path):
+  from tests.luna_jax.test_trainer_scale import TINY  # pylint: disable=g-import-not-at-top
+  flags = {**TINY, "num_train_steps": 30, "eval_every": 10, "checkpoint_every": 10}
+  spec = tmp_path / "two.py"
+  spec.write_text(f"def get_sweep(arg=None):\n  return [dict({{'config': 'configs/listops.py', "
+                  f"'arg': 'softmax,quick', 'name': 'p%d' % i}}, **{flags!r}) for i in range(3)]\n")
+  root = tmp_path / "runs"
+  cmd = [sys.executable, "-m", "luna_jax.experiments.sweep", "run", str(spec), "--root",
+         str(root), "--parallel", "2"]
+  sweeps = [subprocess.Popen(cmd, cwd=sweep.REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in sweeps]
+  assert [p.returncode for p in sweeps] == [0, 0], outs
+  for point in sweep.expand(str(spec)):
+    workdir = point.workdir(str(root))
+    recs = wd.read_metrics(workdir)
+    train = [r["step"] for r in recs if "train_loss" in r]
+    assert train == list(range(1, 31)), (workdir, outs)                # trained once
+    assert sum(r["step"] == 0 for r in recs) == 1
+    assert os.path.exists(wd.path(workdir, wd.RESULTS_FILE))
+    assert not os.path.exists(wd.path(workdir, wd.LOCK_FILE))
