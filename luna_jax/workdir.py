@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -737,6 +738,24 @@ def _unreadable_file(step_dir: str, error: BaseException) -> str:
   return files[-1] if files else step_dir
 
 
+# Errors of the machine, not of a checkpoint's bytes: a checkpoint that raises them is kept.
+_NOT_DAMAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                      errno.EIO, errno.ETIMEDOUT)
+
+
+def _not_damage(error: BaseException) -> BaseException | None:
+  """The error in `error`'s chain that says reading failed for a reason other than the
+  checkpoint's content (permissions, resources, I/O), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (MemoryError, PermissionError)) or (
+        isinstance(error, OSError) and error.errno in _NOT_DAMAGE_ERRNOS):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _first_line(error: BaseException, limit: int = 300) -> str:
   text = str(error).strip().split("\n", 1)[0]
   text = re.sub(r"\s*\[tensorstore_spec=.*", "", text)
@@ -821,6 +840,11 @@ class Checkpoints:
       except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if (cause := _not_damage(e)) is not None:
+          raise CheckpointError(
+              f"cannot read checkpoint step {step} in {self.dir} ({_first_line(cause)}), which "
+              "does not show that it is damaged: nothing was moved; fix the cause and rerun"
+          ) from e
         moved.append(self._move_aside(step, step_dir, e))
     if moved:
       raise CheckpointError(f"no readable checkpoint in {self.dir}: moved "

@@ -646,3 +646,22 @@ def test_a_signal_during_the_final_evaluation_keeps_the_step_and_the_rerun_evalu
   again = run(config, tmp_path)
   assert again["test_accuracy"] == reference[0]["test_accuracy"]
   assert_consistent(tmp_path, config)
+
+
+def test_a_checkpoint_that_cannot_be_read_for_another_reason_is_not_moved(tmp_path,
+                                                                         monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = config_of()
+  run(config, tmp_path)
+
+  def denied(self, step, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", f"checkpoints/{step}/state")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(wd.CheckpointError) as e:
+    run(config, tmp_path)
+  assert str(e.value).startswith(f"cannot read checkpoint step 4 in {tmp_path / 'checkpoints'} "
+                                 "(PermissionError: [Errno 13] Permission denied")
+  assert "nothing was moved" in str(e.value)
+  assert sorted(os.listdir(tmp_path / wd.CHECKPOINTS_DIR)) == ["2", "4"]
+  assert (tmp_path / wd.RESULTS_FILE).exists()
