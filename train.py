@@ -10,9 +10,11 @@ r"""Trains an LRA classifier. Flags only; the work is `luna_jax.trainer.train_an
 --config.FIELD=VALUE sets any field listed below (python train.py --config=FILE --help lists
   that file's fields and values).
 --workdir=DIR: output folder. Rerunning the same command resumes from its newest readable
-  checkpoint; a finished run is evaluated again. A config that changes the model or the data of
+  checkpoint; a finished run is evaluated again. With no readable checkpoint left, a folder that
+  holds an earlier run's best/ and results.json is started over only with --start_over. A config that changes the model or the data of
   the checkpoints is refused; schedule changes need --config.allow_resume_changes=true.
---verbosity=0: show the libraries' INFO logging (quiet by default).
+--verbosity=0: show the libraries' INFO logging (quiet by default) and the traceback of an
+  error (otherwise one line; LUNA_JAX_TRACEBACK=1 shows it too).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or set
 LUNA_JAX_DISTRIBUTED=1 on TPU pods and Slurm (auto-detected).
 """
@@ -32,7 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import lra_tasks  # noqa: E402
 from configs import common  # noqa: E402
-from luna_jax import metrics, trainer, workdir as wd  # noqa: E402
+from luna_jax import cli, metrics, trainer, transfer, workdir as wd  # noqa: E402
 from luna_jax.experiments import sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -41,11 +43,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it
 _COORD = flags.DEFINE_string("coordinator_address", "", "Multi-process: coordinator host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
+_START_OVER = flags.DEFINE_bool(
+    "start_over", False, "With no readable checkpoint, train from step 0 even if that replaces "
+    "the workdir's best/ and results.json (otherwise refused).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-help", "-?")
-# Errors that mean bad input, not a bug: printed as one line (no traceback).
-USER_ERRORS = (wd.ConfigError, lra_tasks.DataError, wd.CheckpointError,
+# Errors that mean bad input, not a bug: printed as one line (luna_jax/cli.py).
+USER_ERRORS = (wd.ConfigError, lra_tasks.DataError, wd.CheckpointError, wd.WorkdirError,
+               wd.DamagedFileError, transfer.IncompatibleSourceError,
                trainer.NonFiniteLossError)
 
 
@@ -63,9 +69,10 @@ def main(argv):
   with config.unlocked():
     common.mark_overrides(config, _dotted(overrides))
   try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value, start_over=_START_OVER.value)
   except USER_ERRORS as e:
-    _fail(f"{type(e).__name__}: {e}", 1)
+    cli.fail("train.py", e, wd.BUSY_EXIT_STATUS if isinstance(e, wd.WorkdirBusyError) else 1,
+             traceback_too=flags.FLAGS["verbosity"].present)
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
@@ -98,7 +105,8 @@ def _config_of(argv: list[str]):
 def help_text(config=None) -> str:
   """This docstring, the flags, and the config fields with their values."""
   lines = [__doc__.rstrip(), "", "Flags:"]
-  for name in ("config", "workdir", "coordinator_address", "num_processes", "process_id"):
+  for name in ("config", "workdir", "start_over", "coordinator_address", "num_processes",
+               "process_id"):
     f = flags.FLAGS[name]
     lines.append(f"  --{name}: {f.help}" + (f" (default: {f.default!r})"
                                            if f.default not in (None, "") else ""))

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, Mapping
 
@@ -131,12 +132,37 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 class _NoOrbaxTracebacks(logging.Filter):
-  """Orbax logs the traceback of a failed save several times; the trainer reports it once."""
+  """Orbax logs the error of a failed save, with its traceback, several times from its threads;
+  the trainer reports it once (workdir.CheckpointError), so orbax's errors are left out and its
+  warnings are shown without tracebacks."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+      if record.levelno >= logging.ERROR:
+        return False
       record.exc_info, record.exc_text = None, None
     return True
+
+
+def _closed_event_loop(error: BaseException | None) -> bool:
+  return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+def _quiet_closed_event_loops() -> None:
+  """Orbax's writer threads, stopped by a failed save, report "Event loop is closed" for each
+  pending write as it is collected (unraisable) or as their thread ends: noise after the
+  CheckpointError that says what failed. Other such errors are printed as before."""
+  unraisable, thread = sys.unraisablehook, threading.excepthook
+
+  def unraisable_hook(args):
+    if not _closed_event_loop(args.exc_value):
+      unraisable(args)
+
+  def thread_hook(args):
+    if not _closed_event_loop(args.exc_value):
+      thread(args)
+
+  sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
 
 
 def setup_console_logging(verbose: bool) -> None:
@@ -148,6 +174,7 @@ def setup_console_logging(verbose: bool) -> None:
     return
   absl_logging.set_verbosity(absl_logging.WARNING)
   absl_logging.get_absl_handler().addFilter(_NoOrbaxTracebacks())
+  _quiet_closed_event_loops()
   handler = logging.StreamHandler(sys.stdout)
   handler.setFormatter(_ConsoleFormatter())
   for name in CONSOLE_LOGGERS:

@@ -10,6 +10,7 @@ accepted and how damaged checkpoints are recovered is `luna_jax.workdir`.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import threading
@@ -53,6 +54,9 @@ def model_config(config: ml_collections.ConfigDict, task: lra_tasks.TaskData
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails before any compute on a config that cannot work, naming the field (ConfigError)."""
+  for field, value in wd.flatten(config.to_dict()).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config.{field}={value} must be a finite number")
   m = config.model
   if m.attention not in ATTENTION_NAMES:
     raise ConfigError(f"config.model.attention={m.attention!r} is not a known attention; "
@@ -114,6 +118,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"combined with config.length_buckets={config.length_buckets}")
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"config.schedule={config.schedule!r}; expected one of {SCHEDULES}")
+  if config.schedule == "cosine" and 0 < config.num_train_steps <= max(config.warmup_steps, 1):
+    raise ConfigError(f"config.num_train_steps={config.num_train_steps} must be more than "
+                      f"config.warmup_steps={config.warmup_steps} (at least 1) for "
+                      "config.schedule='cosine', which decays after the warmup")
   carries_p = getattr(get_attention(m.attention), "carries_p", False)
   if carries_p and m.block != "post_ln":
     raise ConfigError(f"config.model.block={m.block!r}, but {m.attention} runs its own post-LN "
@@ -182,7 +190,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     oc = config.one_cycle
     start = lr / oc.div_factor
     return _one_cycle(config, start, lr, start / oc.final_div_factor)
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.num_train_steps)
+  # (A 0-step run, a converted model evaluated as it is, never uses it: any decay end will do.)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup,
+                                            max(config.num_train_steps, warmup + 1))
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -295,12 +305,23 @@ def maybe_initialize_distributed(coordinator_address: str = "", num_processes: i
     jax.distributed.initialize()
 
 
+class _Interrupted(Exception):
+  """A SIGTERM/SIGINT during the final evaluation (`_StopFlag.raise_from_now`)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
 class _StopFlag:
-  """Set by SIGTERM/SIGINT so the loop can save and exit cleanly at a step boundary."""
+  """Set by SIGTERM/SIGINT so the loop can save and exit cleanly at a step boundary; after the
+  loop (`raise_from_now`), a signal interrupts the final evaluation instead: its checkpoint is
+  saved, and the rerun evaluates it."""
 
   def __init__(self):
     self.signal: int | None = None
     self._old = {}
+    self._raising = False
 
   def install(self) -> None:
     if threading.current_thread() is not threading.main_thread():
@@ -311,6 +332,15 @@ class _StopFlag:
   def _handle(self, signum, frame):
     del frame
     self.signal = signum
+    if self._raising:
+      self._raising = False        # once: the cleanup that follows is not interrupted
+      raise _Interrupted(signum)
+
+  def raise_from_now(self) -> None:
+    """From now on a signal raises _Interrupted (at once if one came already)."""
+    if self.signal is not None:
+      raise _Interrupted(self.signal)
+    self._raising = True
 
   def restore(self) -> None:
     for sig, old in self._old.items():
@@ -354,17 +384,29 @@ def _say(message: str) -> None:
 
 # ----------------------------------------------------------------------------- main loop
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       start_over: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint); returns the
-  results dict also written to WORKDIR/results.json. The run folder's rules (resume checks,
-  recovery, what metrics and results derive from) are in `luna_jax.workdir`."""
+  results dict also written to WORKDIR/results.json. The run folder's rules (one writer, resume
+  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir`.
+  `start_over`: with no readable training checkpoint, train from step 0 even if that replaces
+  an earlier run's best/ and results.json (`workdir.check_start_over`)."""
   validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = wd.checked_workdir(workdir)
+  with wd.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, start_over)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        start_over: bool) -> dict[str, Any]:
+  """train_and_evaluate in a checked workdir that this process holds."""
   changes = wd.resume_changes(workdir, config)     # before anything is written
-  if config.get("init_from"):
-    _check_source(config)
+  if config.get("init_from") and not wd.has_checkpoints(workdir):
+    _check_source(config)     # once converted, the run has the parameters in its checkpoints
   task = lra_tasks.load_task(config)
   check_task(config, task)
+  identity = wd.run_identity(task.provenance, jax.device_count())
+  changes += wd.identity_changes(workdir, identity)
   cfg = model_config(config, task)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -388,16 +430,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpts = wd.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
   writer = None
   try:
-    restored = ckpts.restore_latest(target)
+    restored = ckpts.restore_latest(target, train_iter.set_state)
     if restored is None:
+      wd.check_start_over(workdir, start_over)
       first_step = 0
       state = programs.init(init_key)
       if config.get("init_from"):
         state = _convert_from(config, cfg, state, state_sh, workdir)
+        # The converted parameters in the run's own checkpoint: it never needs the source again.
+        ckpts.save(0, state, train_iter.get_state(), force=True)
+        ckpts.wait()
     else:
-      first_step, state, iter_state = restored
-      train_iter.set_state(iter_state)
-    wd.record_config(workdir, config, changes, first_step)
+      first_step, state = restored
+      wd.check_steps(workdir, first_step, config.num_train_steps)
+    wd.record_config(workdir, config, changes, first_step, identity)
     wd.start_at(workdir, first_step, config.num_train_steps)
     ckpts.prune_best_after(first_step)
     wd.sync("luna_jax_start")
@@ -418,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       _say(f"resumed from step {first_step} ({workdir})")
     for c in changes:
-      _say(f"resumed with a changed config: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
+      _say(f"resumed with a change: {c} (recorded in {wd.CONFIG_HISTORY_FILE})")
 
     p_train, p_eval = programs.train, programs.eval
 
@@ -454,8 +500,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_log or is_eval or is_ckpt or stopping is not None:
           fb = int(first_bad)
           if fb >= 0:
-            msg = (f"training loss became NaN/Inf at step {fb}; stopping. The last good "
-                   f"checkpoint in {ckpts.dir} is kept (step {ckpts.latest_step()}).")
+            last = ckpts.latest_step()
+            msg = f"training loss became NaN/Inf at step {fb}; stopping. " + (
+                f"The last good checkpoint in {ckpts.dir} is kept (step {last})."
+                if last is not None else "No checkpoint was saved before it.")
             if jax.process_index() == 0:   # marker read by luna_jax.experiments.results
               with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
                 f.write(f"NonFiniteLossError: {msg}\n")
@@ -465,6 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           dt = time.time() - t_log
           rec = {f"train_{k}": float(v) / acc_n for k, v in host.items()}
           rec["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+          if acc_n != (step - 1) % config.log_every + 1:   # since a resume, not log_every
+            rec["averaged_steps"] = acc_n
           rec["steps_per_s"] = acc_n / dt
           rec["examples_per_s"] = acc_n * config.batch_size / dt
           if (peak := _peak_memory_bytes()) is not None:
@@ -488,9 +538,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           stopped_by = signal.Signals(stopping).name
           break
       ckpts.wait()
-    finally:
+    except BaseException:
       stop.restore()
+      raise
     if stopped_by is not None:
+      stop.restore()
       _say(f"received {stopped_by}: saved step {step}; rerun the same command to resume")
 
     results: dict[str, Any] = {
@@ -502,8 +554,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.get("init_from"):
       results["init_from"] = wd.read_json(wd.path(workdir, wd.INIT_FROM_FILE))
     if stopped_by is None:
-      results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
-                                       abstract, state_sh, progress))
+      try:
+        stop.raise_from_now()
+        results.update(_final_evaluation(ckpts, workdir, writer, evaluate, state, step,
+                                         abstract, state_sh, progress))
+      except _Interrupted as e:
+        results["finished"] = False
+        _say(f"received {e}: during the final evaluation; step {step} is saved, rerun the "
+             "same command to evaluate it")
+        return results
+      finally:
+        stop.restore()
       train_recs = [r for r in wd.read_metrics(workdir)
                     if isinstance(r.get("steps_per_s"), (int, float))]
       if train_recs:
@@ -655,14 +716,13 @@ def _convert_from(config: ml_collections.ConfigDict, cfg: models.ModelConfig, st
   source = os.path.abspath(config.init_from)
   try:
     src_config, src_params, src_step = wd.load_params(source, "best")
-  except FileNotFoundError as e:
+  except (FileNotFoundError, wd.CheckpointError) as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
   params, report = transfer.transfer(src_params, jax.device_get(state.params),
                                      target_is_luna=models.carries_p(cfg))
   state = state.replace(params=jax.device_put(params, state_sh.params))
   src_results = wd.read_json(wd.path(source, wd.RESULTS_FILE)) or {}
-  info = {"workdir": source, "step": int(src_step),
-          "attention": src_config.model.attention,
+  info = {**wd.best_identity(source), "attention": src_config.model.attention,
           "test_accuracy": src_results.get("test_accuracy"),
           "summary": report.summary(), **report.to_dict()}
   if jax.process_index() == 0:

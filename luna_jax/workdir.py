@@ -3,11 +3,17 @@ bookkeeping of metrics.jsonl, and reading a run back (trainer, results, sweep an
 
   WORKDIR/config.json             the config of the checkpoints; written only after the resume
                                   check passed and the checkpoint was restored
-  WORKDIR/config_history.jsonl    one line per resume that changed the config:
+  WORKDIR/identity.json           what the checkpoints were made from besides the config: the
+                                  data's provenance (each file's sha256; generated data also by
+                                  its settings) and the device count; written with config.json
+  WORKDIR/config_history.jsonl    one line per resume that changed the config or device count:
                                   {"step": N, "time": ..., "changes": {field: [old, new]}}
-  WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null
+  WORKDIR/metrics.jsonl           {"step": s, ...} per line; non-finite numbers are null; a
+                                  training record averages the log_every steps up to s, or
+                                  the `averaged_steps` it names (the first after a resume)
   WORKDIR/results.json            written at the end, from the best checkpoint that exists
   WORKDIR/FAILED                  why the last attempt failed (a rerun removes it)
+  WORKDIR/LOCK                    {"host", "pid"} of the one process writing the folder
   WORKDIR/checkpoints/<step>/     train state (`state`) + grain iterator (`data_iter`), orbax
   WORKDIR/checkpoints/corrupt-<step>/   an unreadable checkpoint, moved aside
   WORKDIR/best/<step>/            parameters of the best validation score (one step)
@@ -21,16 +27,32 @@ Resume rules (`resume_changes`). A workdir that holds checkpoints is resumed onl
 that makes the same model on the same data. Fields are classified here and nowhere else:
 * model/data (`MODEL_DATA`): everything not listed below: `model.*`, `task`, `seq_len`,
   `data_dir`, `batch_size`, `seed`, `append_eos`, the task's data group (`listops.*`,
-  `pathfinder.*`) and any field this module does not know. A change fails before any compute,
+  `pathfinder.*`), `grain_workers` (the checkpointed data iterator's state has its form) and any
+  field this module does not know. A change fails before any compute,
   naming each field with its old and new value.
 * schedule (`SCHEDULE_FIELDS`): the optimizer and its schedule. Changed only with
   `--config.allow_resume_changes=true`.
-* bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, workers, labels,
+* bookkeeping (`BOOKKEEPING_FIELDS`): how often to log, evaluate and save, labels,
   and how the same model is computed (remat, attention implementation). Always accepted.
-Every accepted change is appended to config_history.jsonl. A field present on one side only (a
+Every accepted change is appended to config_history.jsonl. `num_train_steps` below the step of
+the restored checkpoint is refused whatever the flags (`check_steps`): a run is not shortened
+after the fact.
+The data itself (`identity_changes`): a split file whose sha256 differs from identity.json's (an
+edited file under an unchanged data_dir), or generated data of other settings, is refused like a
+model/data field, naming the file and both hashes. A changed device count is accepted (the
+batch is global) but changes the numbers: it is recorded in config_history.jsonl and said. A field present on one side only (a
 field added to or removed from the code since the run started) is a change only when it is a
 model/data field whose value differs from the current default of `configs.common.base_config()`
 (a field without such a default always differs).
+
+One writer per run folder (`WorkdirLock`): a run holds WORKDIR/LOCK while it writes; a second
+writer fails naming the holder. A lock left by a dead process on this host is taken over with a
+warning; one of another host is never taken over (delete the file once that process is gone).
+
+A start from step 0 (`check_start_over`) never replaces the work of an earlier run on its own:
+with no readable training checkpoint, a folder that holds checkpoints proven unreadable
+(checkpoints/corrupt-*) or an intact best/ with its results.json is started over only with
+`start_over` (train.py --start_over); deleting checkpoints/ and best/ says the same.
 
 Metrics and results derive from checkpoints: a start from step N (0 for a new run) drops the
 metrics.jsonl records after N (all of them when N = 0) and every test record, removes best/
@@ -41,22 +63,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import fnmatch
 import glob
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import socket
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
+IDENTITY_FILE = "identity.json"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 FAILED_FILE = "FAILED"
@@ -66,6 +92,8 @@ TB_DIR = "tb"
 SWEEP_LOG_FILE = "sweep.log"
 INIT_FROM_FILE = "init_from.json"                  # what a converted run took from its source
 PARAMS_FILE = "best_params.msgpack"                # the tested parameters, one portable file
+LOCK_FILE = "LOCK"                                   # the process writing the folder
+BUSY_EXIT_STATUS = 75      # train.py's exit status when another process holds the workdir
 CORRUPT_PREFIX = "corrupt-"
 STATE_ITEM, DATA_ITER_ITEM = "state", "data_iter"   # the items of a training checkpoint
 TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save folders
@@ -73,14 +101,14 @@ TMP_MARKER = ".orbax-checkpoint-tmp"                 # orbax's unfinished-save f
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE)
 
 MODEL_DATA, SCHEDULE, BOOKKEEPING = "model/data", "schedule", "bookkeeping"
+MACHINE = "machine"                   # identity.json's num_devices: accepted, recorded, said
 SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "warmup_init_lr", "num_train_steps",
                    "schedule", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "grad_clip",
                    "grad_clip_value",
                    "one_cycle.*")
 BOOKKEEPING_FIELDS = ("eval_every", "eval_max_examples", "eval_stream", "test_drop_last",
-                      "save_best_after",
-                      "log_every", "checkpoint_every",
-                      "keep_checkpoints", "grain_workers", "protocol", "allow_resume_changes",
+                      "save_best_after", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "protocol", "allow_resume_changes",
                       "allow_truncation",
                       # how the same model is computed (same parameters, same data)
                       "model.remat", "model.*.implementation", "model.luna.use_flash",
@@ -99,8 +127,20 @@ class ConfigMismatchError(ConfigError):
   """The config differs from the one the workdir's checkpoints were made with."""
 
 
+class DamagedFileError(ValueError):
+  """A run file (config.json, metrics.jsonl, ...) that is not what this module writes."""
+
+
 class CheckpointError(RuntimeError):
   """No readable checkpoint, or a checkpoint that cannot be written."""
+
+
+class WorkdirError(RuntimeError):
+  """A workdir that cannot be used: no name, not a folder, not writable, or in use."""
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another live process holds the workdir's lock."""
 
 
 def path(workdir: str, name: str) -> str:
@@ -148,8 +188,8 @@ def write_json(file: str, obj: Any) -> None:
 
 
 def read_json(file: str) -> Any:
-  """The JSON object in `file`, or None if there is no such file; ValueError naming it if it
-  is not JSON."""
+  """The JSON object in `file`, or None if there is no such file; DamagedFileError naming it if
+  it is not JSON."""
   if not os.path.exists(file):
     return None
   with open(file) as f:
@@ -157,13 +197,13 @@ def read_json(file: str) -> Any:
   try:
     return json.loads(text)
   except ValueError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from None
+    raise DamagedFileError(f"{file}: not valid JSON ({e}); repair or delete it") from None
 
 
 def read_jsonl(file: str) -> list[dict[str, Any]]:
   """The records of a JSON-lines file ([] if there is none). A last line without its newline
   that does not parse is a write cut short by a kill and is skipped; any other bad line is a
-  ValueError naming the file and line."""
+  DamagedFileError naming the file and line."""
   if not os.path.exists(file):
     return []
   with open(file) as f:
@@ -178,7 +218,8 @@ def read_jsonl(file: str) -> list[dict[str, Any]]:
       if i == len(lines):        # no newline after it: cut short
         log.warning("%s:%d: ignoring an incomplete last line (a write cut short)", file, i)
         continue
-      raise ValueError(f"{file}:{i}: not a JSON object ({e})") from None
+      raise DamagedFileError(f"{file}:{i}: not a JSON object ({e}); repair or delete that "
+                             "line") from None
   return records
 
 
@@ -187,6 +228,162 @@ def _rewrite_jsonl(file: str, records: Iterable[Mapping[str, Any]]) -> None:
   with open(tmp, "w") as f:
     f.writelines(dumps(r) + "\n" for r in records)
   os.replace(tmp, file)
+
+
+# ----------------------------------------------------------------------------- the folder
+
+def checked_workdir(workdir: str | None) -> str:
+  """The absolute path of `workdir`; WorkdirError for an empty name (an unset shell variable
+  would otherwise make the current folder the run folder)."""
+  if not workdir or not str(workdir).strip():
+    raise WorkdirError(f"the workdir is empty ({workdir!r}: an unset shell variable?): name a "
+                       "folder for the run, e.g. --workdir=runs/NAME")
+  return os.path.abspath(workdir)
+
+
+def _this_process() -> dict[str, Any]:
+  return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _holder(file: str) -> dict[str, Any] | None:
+  """The {"host", "pid"} in a lock file; None if it is gone or unreadable."""
+  try:
+    with open(file) as f:
+      holder = json.loads(f.read())
+  except (OSError, ValueError):
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _is_alive(holder: Mapping[str, Any] | None, file: str) -> bool:
+  """Whether the lock's holder may still run: a process of another host always may; on this
+  host, whether its pid exists. A lock without a readable holder (a writer killed between
+  creating and filling it) counts as held for its first 10 seconds."""
+  if holder is None:
+    try:
+      return time.time() - os.path.getmtime(file) < 10
+    except OSError:
+      return False
+  if holder.get("host") != socket.gethostname():
+    return True
+  try:
+    os.kill(int(holder.get("pid", -1)), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError):
+    return True
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+def lock_holder(workdir: str) -> dict[str, Any] | None:
+  """The live holder ({"host", "pid"}) of WORKDIR/LOCK, or None if the folder is free."""
+  file = path(workdir, LOCK_FILE)
+  if not os.path.exists(file):
+    return None
+  holder = _holder(file)
+  return (holder or {"host": "?", "pid": "?"}) if _is_alive(holder, file) else None
+
+
+def _busy_message(workdir: str, holder: Mapping[str, Any] | None) -> str:
+  who = (f"process {holder.get('pid')} on host {holder.get('host')}" if holder
+         else "a process that is starting")
+  return (f"{workdir} is in use by {who} ({path(workdir, LOCK_FILE)}): one run writes a "
+          "folder at a time; wait for it to end, or delete that file if the process is gone")
+
+
+def _make_folder(workdir: str) -> str | None:
+  """Creates `workdir` (WorkdirError naming the cause); returns the topmost folder it created
+  (None if it existed)."""
+  top, parent = None, workdir
+  while not os.path.exists(parent):
+    top, parent = parent, os.path.dirname(parent)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except FileExistsError:
+    raise WorkdirError(f"the workdir {workdir} is a file, not a folder") from None
+  except NotADirectoryError:
+    raise WorkdirError(f"the workdir {workdir} lies under {_file_above(workdir)}, which is a "
+                       "file, not a folder") from None
+  except OSError as e:
+    raise WorkdirError(f"cannot create the workdir {workdir}: {e.strerror}") from None
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"the workdir {workdir} is a file, not a folder")
+  return top
+
+
+def _file_above(workdir: str) -> str:
+  parent = workdir
+  while parent != os.path.dirname(parent) and not os.path.isfile(parent):
+    parent = os.path.dirname(parent)
+  return parent
+
+
+class WorkdirLock:
+  """Holds WORKDIR/LOCK while a run writes the folder (module docstring); creates the folder,
+  and on release removes the folders it created if they are still empty."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.file = path(workdir, LOCK_FILE)
+    self._held = False
+    self._created: str | None = None
+
+  def __enter__(self) -> "WorkdirLock":
+    if _is_primary():
+      self._created = _make_folder(self.workdir)
+      try:
+        self._acquire()
+      except BaseException:
+        self._remove_created()
+        raise
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._held and (_holder(self.file) or {}).get("pid") == os.getpid():
+      os.remove(self.file)
+    self._held = False
+    self._remove_created()
+
+  def _acquire(self) -> None:
+    for _ in range(3):
+      try:
+        fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        self._take_over_stale()
+        continue
+      except OSError as e:
+        raise WorkdirError(f"cannot write in the workdir {self.workdir}: {e.strerror} "
+                           f"(creating {self.file})") from None
+      with os.fdopen(fd, "w") as f:
+        f.write(dumps(_this_process()) + "\n")
+      self._held = True
+      return
+    raise WorkdirBusyError(_busy_message(self.workdir, _holder(self.file)))
+
+  def _take_over_stale(self) -> None:
+    """Removes the lock of a dead process (with a warning); WorkdirBusyError if it lives."""
+    holder = _holder(self.file)
+    if _is_alive(holder, self.file):
+      raise WorkdirBusyError(_busy_message(self.workdir, holder))
+    log.warning("%s: taking over the lock of process %s on this host, which has ended",
+                self.file, (holder or {}).get("pid", "?"))
+    try:
+      os.remove(self.file)
+    except FileNotFoundError:
+      pass
+
+  def _remove_created(self) -> None:
+    folder = self.workdir
+    while self._created is not None:
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
+      if folder == self._created:
+        break
+      folder = os.path.dirname(folder)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -243,7 +440,8 @@ class Change:
   kind: str
 
   def __str__(self) -> str:
-    return f"config.{self.field}: {_show(self.old)} -> {_show(self.new)}"
+    prefix = "" if self.kind == MACHINE else "config."
+    return f"{prefix}{self.field}: {_show(self.old)} -> {_show(self.new)}"
 
 
 class _Absent:
@@ -333,12 +531,107 @@ def resume_changes(workdir: str, config: ml_collections.ConfigDict) -> list[Chan
   return changes
 
 
+def run_identity(provenance: Mapping[str, Any], num_devices: int) -> dict[str, Any]:
+  """What identity.json holds (module docstring)."""
+  return {"data": json_safe(dict(provenance)), "num_devices": num_devices}
+
+
+def _data_difference(name: str, old: Any, new: Any) -> str:
+  if name.startswith("files."):
+    return f"the file {name[len('files.'):]} changed (sha256 {_show(old)} -> {_show(new)})"
+  return f"data {name}: {_show(old)} -> {_show(new)}"
+
+
+def identity_changes(workdir: str, identity: Mapping[str, Any]) -> list[Change]:
+  """The device-count change against identity.json that a resume records ([] for a workdir
+  without checkpoints or without identity.json); ConfigMismatchError naming each file (with
+  both hashes) or generator setting of data that differs from the checkpoints'."""
+  stored = read_json(path(workdir, IDENTITY_FILE)) if has_checkpoints(workdir) else None
+  if not isinstance(stored, Mapping):
+    return []
+  old, new = flatten(stored.get("data") or {}), flatten(identity["data"])
+  differ = [_data_difference(k, old.get(k, ABSENT), new.get(k, ABSENT))
+            for k in sorted(set(old) | set(new)) if old.get(k, ABSENT) != new.get(k, ABSENT)]
+  if differ:
+    raise ConfigMismatchError(
+        f"{workdir} holds checkpoints trained on other data: {'; '.join(differ)} (recorded in "
+        f"{IDENTITY_FILE}). Use a new --workdir for this data, or restore the old files")
+  return [Change(k, stored[k], identity[k], MACHINE) for k in ("num_devices",)
+          if k in stored and stored[k] != identity[k]]
+
+
+def changed_config(workdir: str, config: ml_collections.ConfigDict | Mapping[str, Any]
+                   ) -> list[Change]:
+  """The changes of `config` against the config of WORKDIR's checkpoints or results that a
+  rerun would not accept: model/data, and schedule unless `allow_resume_changes` ([] for a
+  folder without checkpoints or results). For tools that reuse finished runs (sweep,
+  conversion study), which must not take a finished run of another config for this one."""
+  stored = read_json(path(workdir, CONFIG_FILE))
+  if stored is None or not (has_checkpoints(workdir) or os.path.exists(path(workdir,
+                                                                               RESULTS_FILE))):
+    return []
+  refused = (MODEL_DATA,) + (() if config.get("allow_resume_changes") else (SCHEDULE,))
+  return [c for c in config_changes(stored, config) if c.kind in refused]
+
+
+def folder_digest(folder: str) -> str:
+  """sha256 of every file's relative path and bytes under `folder` (a checkpoint's identity)."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      h.update(os.path.relpath(file, folder).encode() + b"\0")
+      with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+          h.update(chunk)
+  return h.hexdigest()
+
+
+def best_identity(workdir: str) -> dict[str, Any]:
+  """{"workdir", "step", "sha256"} of WORKDIR's best checkpoint (what a converted run is made
+  from; init_from.json records it). FileNotFoundError if there is none."""
+  workdir = os.path.abspath(workdir)
+  steps = _steps(path(workdir, BEST_DIR))
+  if not steps:
+    raise FileNotFoundError(f"no best checkpoint under {path(workdir, BEST_DIR)}")
+  return {"workdir": workdir, "step": steps[-1],
+          "sha256": folder_digest(os.path.join(path(workdir, BEST_DIR), str(steps[-1])))}
+
+
+def converted_from_other(workdir: str, source: str) -> str | None:
+  """Why WORKDIR's init_from.json names another source than `source`'s best checkpoint (path,
+  step or sha256), or None if it names that one (or there is no init_from.json)."""
+  stored = read_json(path(workdir, INIT_FROM_FILE))
+  if not isinstance(stored, Mapping):
+    return None
+  now = best_identity(source)
+  fields = [k for k in ("workdir", "step", "sha256") if k in stored]
+  if all(stored[k] == now[k] for k in fields):
+    return None
+  show = lambda d: ", ".join(f"{k} {d.get(k)}" for k in fields)
+  return (f"{workdir} was converted from another source checkpoint ({show(stored)}) than "
+          f"{source}'s best ({show(now)})")
+
+
+def check_steps(workdir: str, step: int, num_train_steps: int) -> None:
+  """ConfigMismatchError if the restored checkpoint `step` is past `num_train_steps`."""
+  if step > num_train_steps:
+    raise ConfigMismatchError(
+        f"config.num_train_steps={num_train_steps} is below step {step} of the checkpoint in "
+        f"{path(workdir, CHECKPOINTS_DIR)}: a run is not shortened after the fact; rerun with "
+        f"num_train_steps >= {step}, or use a new --workdir")
+
+
 def record_config(workdir: str, config: ml_collections.ConfigDict, changes: Sequence[Change],
-                  step: int) -> None:
-  """Writes config.json and appends the accepted `changes` (made at `step`) to
-  config_history.jsonl. Call only after the resume check and the restore succeeded."""
+                  step: int, identity: Mapping[str, Any] | None = None) -> None:
+  """Writes config.json (and identity.json, if given) and appends the accepted `changes` (made
+  at `step`) to config_history.jsonl. Call only after the resume check and the restore
+  succeeded."""
   if not _is_primary():
     return
+  if identity is not None:
+    write_json(path(workdir, IDENTITY_FILE), identity)
   if changes:
     entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "changes": {c.field: [None if c.old is ABSENT else c.old,
@@ -382,6 +675,27 @@ def start_at(workdir: str, step: int, num_train_steps: int) -> None:
   for name in (FAILED_FILE,) + ((RESULTS_FILE,) if step < num_train_steps else ()):
     if os.path.exists(path(workdir, name)):
       os.remove(path(workdir, name))
+
+
+def check_start_over(workdir: str, start_over: bool) -> None:
+  """Before a start from step 0 (no readable training checkpoint): CheckpointError, unless
+  `start_over`, if it would replace an earlier run's results (module docstring)."""
+  if start_over or not _is_primary():
+    return
+  ckpt_dir = path(workdir, CHECKPOINTS_DIR)
+  corrupt = (sorted(n for n in os.listdir(ckpt_dir) if n.startswith(CORRUPT_PREFIX))
+             if os.path.isdir(ckpt_dir) else [])
+  best = _steps(path(workdir, BEST_DIR))
+  kept = ([f"{BEST_DIR}/{best[-1]}", RESULTS_FILE]
+          if best and os.path.exists(path(workdir, RESULTS_FILE)) else [])
+  if not corrupt and not kept:
+    return
+  why = [f"its checkpoints were unreadable (moved aside to {', '.join(corrupt)})"] if corrupt else []
+  why += [f"it holds {' and '.join(kept)} of an earlier run"] if kept else []
+  raise CheckpointError(
+      f"{workdir} has no readable training checkpoint and {'; '.join(why)}: a start from step "
+      f"0 would replace them. Rerun with --start_over to train again from step 0, or use a new "
+      f"--workdir")
 
 
 def best_validation(records: Sequence[Mapping[str, Any]], max_step: int
@@ -429,6 +743,24 @@ def _unreadable_file(step_dir: str, error: BaseException) -> str:
         return file
   files = re.findall(r'local file "([^"]+)"', str(error))
   return files[-1] if files else step_dir
+
+
+# Errors of the machine, not of a checkpoint's bytes: a checkpoint that raises them is kept.
+_NOT_DAMAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                      errno.EIO, errno.ETIMEDOUT)
+
+
+def _not_damage(error: BaseException) -> BaseException | None:
+  """The error in `error`'s chain that says reading failed for a reason other than the
+  checkpoint's content (permissions, resources, I/O), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (MemoryError, PermissionError)) or (
+        isinstance(error, OSError) and error.errno in _NOT_DAMAGE_ERRNOS):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -494,10 +826,12 @@ class Checkpoints:
 
   # -- restore
 
-  def restore_latest(self, target: Any) -> tuple[int, Any, Any] | None:
-    """(step, state, data iterator state) of the newest readable checkpoint, or None if there
-    is none. An unreadable one is logged (file and reason) and moved to
-    checkpoints/corrupt-<step>/; CheckpointError if every checkpoint is unreadable."""
+  def restore_latest(self, target: Any, set_iter_state: Callable[[Any], None]
+                     ) -> tuple[int, Any] | None:
+    """(step, state) of the newest readable checkpoint, its data iterator state given to
+    `set_iter_state`; None if there is none. An unreadable one (its iterator state refused too)
+    is logged (file and reason) and moved to checkpoints/corrupt-<step>/; CheckpointError if
+    every checkpoint is unreadable."""
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     moved = []
     for step in sorted(self.mngr.all_steps(), reverse=True):
@@ -508,15 +842,22 @@ class Checkpoints:
         restored = self.mngr.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(target),
             DATA_ITER_ITEM: ocp.args.JsonRestore()}))
-        return step, restored[STATE_ITEM], restored[DATA_ITER_ITEM]
+        set_iter_state(restored[DATA_ITER_ITEM])
+        return step, restored[STATE_ITEM]
       except ConfigMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if (cause := _not_damage(e)) is not None:
+          raise CheckpointError(
+              f"cannot read checkpoint step {step} in {self.dir} ({_first_line(cause)}), which "
+              "does not show that it is damaged: nothing was moved; fix the cause and rerun"
+          ) from e
         moved.append(self._move_aside(step, step_dir, e))
     if moved:
       raise CheckpointError(f"no readable checkpoint in {self.dir}: moved "
-                            f"{', '.join(moved)} aside (see the messages above); delete "
-                            f"{self.dir} and {self.best_dir} to start over")
+                            f"{', '.join(moved)} aside (see the messages above); rerun with "
+                            "--start_over to train again from step 0 (replacing best/ and "
+                            "results.json)")
     return None
 
   def _move_aside(self, step: int, step_dir: str, error: BaseException) -> str:
@@ -681,6 +1022,15 @@ def read_params_file(folder: str) -> tuple[Any, int]:
                      f"({type(e).__name__}: {_first_line(e)})") from None
 
 
+def _readable(step_dir: str, restore: Callable[[], Any]) -> Any:
+  """restore(), or CheckpointError naming the unreadable file of `step_dir` and why."""
+  try:
+    return restore()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"the checkpoint {step_dir} is unreadable: "
+                          f"{_unreadable_file(step_dir, e)} ({_first_line(e)})") from e
+
+
 def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
   """(config, params, step) of a train_and_evaluate workdir, on one local device whatever
   topology saved them; or of a committed results folder (config.json and PARAMS_FILE only).
@@ -700,17 +1050,20 @@ def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.Confi
   if which in ("auto", "best") and os.path.isdir(best_dir):
     with ocp.CheckpointManager(best_dir, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
       if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step))
-        return config, mngr.restore(step, args=ocp.args.StandardRestore(target)), step
+        def best():
+          target = _local_target(mngr.item_metadata(step))
+          return mngr.restore(step, args=ocp.args.StandardRestore(target))
+        return config, _readable(os.path.join(best_dir, str(step)), best), step
   if which in ("auto", "latest") and os.path.isdir(ckpt_dir):
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(),
                 DATA_ITER_ITEM: ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(ckpt_dir, item_handlers=handlers) as mngr:
       if (step := mngr.latest_step()) is not None:
-        target = _local_target(mngr.item_metadata(step)[STATE_ITEM])
-        restored = mngr.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(target)}))
-        return config, restored[STATE_ITEM]["params"], step
+        def latest():
+          target = _local_target(mngr.item_metadata(step)[STATE_ITEM])
+          return mngr.restore(step, args=ocp.args.Composite(**{
+              STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]["params"]
+        return config, _readable(os.path.join(ckpt_dir, str(step)), latest), step
   if which in ("auto", "best") and os.path.isfile(path(workdir, PARAMS_FILE)):
     params, step = read_params_file(workdir)
     return config, params, step

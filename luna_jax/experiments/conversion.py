@@ -4,6 +4,10 @@ r"""Conversion study: what a linear mechanism keeps of a trained softmax model.
       --targets learned_kernel,linear_elu,performer,cheap_linear,cosformer,luna \
       --steps 0,100,400 --root runs/conversion
 
+Rerun with the same --root, finished runs are read back and unfinished ones resumed; a --root
+whose runs were made from another source (its path, or its best checkpoint's step and sha256,
+recorded in each converted run's init_from.json) or another config is refused.
+
 For every target mechanism and every N in --steps, two ordinary runs (own workdirs, resumable,
 same metrics as any run): `converted` starts from the source's best checkpoint
 (`config.init_from`, luna_jax/transfer.py) and fine-tunes N steps; `scratch` trains the same
@@ -28,8 +32,24 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from luna_jax import trainer
+import lra_tasks
+from luna_jax import cli, trainer, transfer
 from luna_jax import workdir as wd
+
+PROG = "python -m luna_jax.experiments.conversion"
+# Errors that mean bad input, not a bug: one line (luna_jax/cli.py).
+USER_ERRORS = (wd.ConfigError, wd.CheckpointError, wd.WorkdirError, wd.DamagedFileError,
+               lra_tasks.DataError, transfer.IncompatibleSourceError,
+               trainer.NonFiniteLossError, FileNotFoundError)
+
+
+class StudyStopped(Exception):
+  """A run of the study was stopped by SIGINT/SIGTERM (its step is saved)."""
+
+
+class SourceError(ValueError):
+  """--source is not a finished run."""
+
 
 TARGETS = ("learned_kernel", "linear_elu", "performer", "cheap_linear", "cosformer", "luna")
 
@@ -55,16 +75,30 @@ def target_config(source: ml_collections.ConfigDict, target: str, steps: int,
 def run_point(source_dir: str, source: ml_collections.ConfigDict, target: str, steps: int,
               kind: str, root: str, train: bool = True) -> dict[str, Any] | None:
   """One converted or scratch run; returns its results.json (rerun-safe: a finished workdir is
-  read, not retrained). With train=False, None for a run that has not finished."""
+  read, not retrained). With train=False, None for a run that has not finished. A workdir of
+  another config, or converted from another source checkpoint, is refused (`check_reusable`)."""
   workdir = os.path.join(root, target, f"{kind}_n{steps}")
+  config = target_config(source, target, steps,
+                         os.path.abspath(source_dir) if kind == "converted" else None)
+  check_reusable(workdir, config, source_dir if kind == "converted" else None)
   done = wd.read_json(wd.path(workdir, wd.RESULTS_FILE))
   if done is not None and done.get("finished"):
     return done
   if not train:
     return None
-  config = target_config(source, target, steps,
-                         os.path.abspath(source_dir) if kind == "converted" else None)
   return trainer.train_and_evaluate(config, workdir)
+
+
+def check_reusable(workdir: str, config: ml_collections.ConfigDict, source_dir: str | None
+                   ) -> None:
+  """ConfigMismatchError if WORKDIR holds a run of another config, or (`source_dir` given) one
+  converted from another source checkpoint: the source's path and its best checkpoint's step
+  and sha256 are part of a converted run's identity (init_from.json)."""
+  changes = wd.changed_config(workdir, config)
+  why = (f"{workdir} holds a run of another config ({'; '.join(map(str, changes))})"
+         if changes else source_dir and wd.converted_from_other(workdir, source_dir))
+  if why:
+    raise wd.ConfigMismatchError(f"{why}: use another --root for this study")
 
 
 def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], root: str,
@@ -74,7 +108,8 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
   source = wd.load_config(source_dir)
   source_results = wd.read_json(wd.path(source_dir, wd.RESULTS_FILE))
   if source_results is None or "test_accuracy" not in source_results:
-    raise ValueError(f"--source {source_dir}: no finished run (results.json with test_accuracy)")
+    raise SourceError(f"--source {source_dir}: no finished run (results.json with "
+                      "test_accuracy)")
   base = float(source_results["test_accuracy"])
   rows = []
   nan = float("nan")
@@ -96,6 +131,9 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
                      scratch_majority=float("nan"))
           continue
         res = run_point(source_dir, source, target, n, kind, root, train)
+        if res is not None and not res.get("finished"):
+          raise StudyStopped(f"{target} {kind} N={n} was stopped at step {res.get('step')} "
+                             "(its checkpoint is saved); rerun the same command to go on")
         if res is None:
           row.update({f"{kind}_test_accuracy": float("nan"), f"{kind}_recovered": float("nan"),
                       f"{kind}_majority": float("nan")})
@@ -171,7 +209,7 @@ def write_outputs(rows: list[dict[str, Any]], root: str, source_dir: str) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m luna_jax.experiments.conversion",
+  parser = argparse.ArgumentParser(prog=PROG,
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--source", required=True, help="workdir of a finished (softmax) run")
@@ -183,7 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   targets = [t for t in args.targets.split(",") if t]
   steps = [int(s) for s in args.steps.split(",") if s]
-  rows = run_study(args.source, targets, steps, args.root, train=not args.table_only)
+  try:
+    rows = run_study(args.source, targets, steps, args.root, train=not args.table_only)
+  except StudyStopped as e:
+    print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+    return 0
+  except USER_ERRORS + (SourceError,) as e:
+    cli.fail(PROG, e)
   files = write_outputs(rows, args.root, args.source)
   print(open(files["md"]).read())
   print(json.dumps(files), file=sys.stderr)

@@ -4,7 +4,10 @@ r"""Aggregates training workdirs into the LRA table (markdown, CSV) and plots.
 
 Every folder under --root holding config.json, metrics.jsonl or results.json is one run. A run
 is `finished` (results.json), `diverged` (a non-finite train_loss in metrics.jsonl, or a FAILED
-file whose text mentions NaN/Inf), `failed` (another FAILED file) or `unfinished`. Finished
+file whose text mentions NaN/Inf), `failed` (another FAILED file), `unfinished`, `unreadable`
+(a damaged run file: listed with the reason, the report goes on) or `copy` (a finished run
+with the protocol, data, seed and config of another one found first, such as a copied folder:
+counted once). A --root that does not exist is an error. Finished
 runs are grouped by task and mechanism (Luna split by proj_len); runs of one group whose configs
 differ in more than seed/data/bookkeeping fields form separate variants, and the table shows
 the variant with the best mean validation accuracy (model selection on validation).
@@ -26,6 +29,7 @@ import sys
 from typing import Any, Iterable
 
 from luna_jax.experiments import published as pub
+from luna_jax import cli
 from luna_jax import workdir as wd
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -49,7 +53,7 @@ class Run:
   task: str
   mechanism: str
   seed: int | None
-  status: str                      # finished | unfinished | diverged | failed
+  status: str                      # finished | unfinished | diverged | failed | unreadable | copy
   step: int                        # last logged step
   num_train_steps: int | None
   test_accuracy: float | None      # fraction, at the best validation step
@@ -173,7 +177,18 @@ def find_workdirs(root: str) -> list[str]:
 
 
 def load_run(workdir: str) -> Run:
-  """Reads one workdir (config.json, metrics.jsonl, results.json, FAILED)."""
+  """Reads one workdir (config.json, metrics.jsonl, results.json, FAILED); a run whose files
+  cannot be read has status `unreadable` and the reason as its message."""
+  try:
+    return _read_run(workdir)
+  except (OSError, ValueError) as e:
+    return Run(workdir=workdir, task="unknown", mechanism="unknown", seed=None,
+               status="unreadable", step=0, num_train_steps=None, test_accuracy=None,
+               best_val_accuracy=None, num_params=None, steps_per_s=None,
+               peak_memory_bytes=None, config={}, message=cli.one_line(e))
+
+
+def _read_run(workdir: str) -> Run:
   config = _read_json(os.path.join(workdir, CONFIG_FILE)) or {}
   results = _read_json(os.path.join(workdir, RESULTS_FILE)) or {}
   records = _read_jsonl(os.path.join(workdir, METRICS_FILE))
@@ -200,7 +215,21 @@ def load_run(workdir: str) -> Run:
 
 
 def load_runs(roots: Iterable[str]) -> list[Run]:
-  return [load_run(w) for root in roots for w in find_workdirs(root)]
+  """The runs under `roots`, a finished run already found under another folder (same protocol,
+  data and config apart from bookkeeping fields) marked `copy`."""
+  runs = [load_run(w) for root in roots for w in find_workdirs(root)]
+  first: dict[str, Run] = {}
+  for r in runs:
+    if r.status != "finished":
+      continue
+    key = json.dumps([r.protocol, r.data_label, {k: v for k, v in sorted(r.config.items())
+                                     if wd.field_kind(k) != wd.BOOKKEEPING}])
+    if key in first:
+      r.status, r.message = "copy", f"the same run as {first[key].workdir} (counted once)"
+      r.test_accuracy = None
+    else:
+      first[key] = r
+  return runs
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -436,7 +465,8 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
     return os.path.relpath(r.workdir, root)
 
   for status, title in (("unfinished", "Unfinished runs"), ("diverged", "Diverged runs"),
-                        ("failed", "Failed runs")):
+                        ("failed", "Failed runs"), ("unreadable", "Unreadable runs"),
+                        ("copy", "Copies of a run (counted once)")):
     group = [r for r in runs if r.status == status]
     if not group:
       continue
@@ -455,7 +485,7 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
   return "\n".join(out) + "\n"
 
 
-def _one_line(text: str, limit: int = 120) -> str:
+def _one_line(text: str, limit: int = 200) -> str:
   lines = [s.strip() for s in text.splitlines() if s.strip()]
   hit = next((s for s in reversed(lines) if "Error" in s or "NaN" in s), lines[-1] if lines else "")
   return hit.replace("|", "/")[:limit]
@@ -683,11 +713,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--published", action="store_true",
                       help="add the published numbers, labelled, in separate rows")
   args = parser.parse_args(argv)
+  missing = [r for r in args.root if not os.path.isdir(r)]
+  if missing:
+    cli.fail(parser.prog, FileNotFoundError(f"--root {missing[0]}: no such folder"), 2)
   report = write_report(args.root, args.out, args.published)
   with open(report["files"]["results.md"]) as f:
     print(f.read())
   counts = {s: sum(r.status == s for r in report["runs"])
-            for s in ("finished", "unfinished", "diverged", "failed")}
+            for s in ("finished", "unfinished", "diverged", "failed", "unreadable", "copy")}
   print(f"{len(report['runs'])} runs ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
         f"wrote {', '.join(sorted(report['files']))} to {args.out}", file=sys.stderr)
   return 0

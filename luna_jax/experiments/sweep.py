@@ -11,8 +11,12 @@ resolved config. Extra `--config.KEY=VALUE` flags after the options go to every 
 not change workdir names).
 
 Local launcher: points whose workdir holds results.json are skipped, diverged ones too (unless
---retry-diverged; the rerun would diverge again); the others run, resuming from their latest
-checkpoint. Output goes to WORKDIR/sweep.log; a failed run leaves WORKDIR/FAILED with the log
+--retry-diverged; the rerun would diverge again), and so are points another process is running
+(their workdir's LOCK; two sweeps on one root share the work); the others run, resuming from their latest
+checkpoint. A point whose workdir holds checkpoints or results of another config (the point's
+config with the extra flags, against WORKDIR/config.json; bookkeeping fields such as eval_every
+aside, schedule fields too with --config.allow_resume_changes=true) is refused, not skipped nor
+run: rerun with the old flags, or use another --root. Output goes to WORKDIR/sweep.log; a failed run leaves WORKDIR/FAILED with the log
 tail. TPU launcher: one `gcloud ... tpu-vm ssh --worker=all` command per point, one after
 another (no skipping: the root is remote; a finished run only re-evaluates its test set).
 """
@@ -33,11 +37,16 @@ import types
 from typing import Any, Callable, Sequence
 
 from luna_jax.experiments import results as results_lib
+from luna_jax import cli
 from luna_jax import workdir as wd
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESERVED = ("config", "arg", "name")
 LOG_FILE = wd.SWEEP_LOG_FILE
+
+
+class SweepError(ValueError):
+  """A sweep file that cannot be expanded; the message names the file and what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +96,12 @@ def load_module(path: str) -> types.ModuleType:
   if key not in _MODULES:         # config files import `configs.common` (pip install -e .)
     spec = importlib.util.spec_from_file_location(f"_sweep_{full.stem}", full)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except SyntaxError as e:
+      raise SweepError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise SweepError(f"{path}: importing it failed: {cli.one_line(e)}") from e
     _MODULES[key] = module
   return _MODULES[key]
 
@@ -100,7 +114,7 @@ def resolve_config(config_file: str, config_arg: str, overrides: Sequence[tuple[
     for p in parents:
       node = node[p]
     if leaf not in node:
-      raise ValueError(f"sweep sets unknown config field {key!r} ({config_file}:{config_arg})")
+      raise SweepError(f"sweep sets unknown config field {key!r} ({config_file}:{config_arg})")
     node[leaf] = value
   return config
 
@@ -119,22 +133,46 @@ def run_name(config, tag: str = "") -> str:
 
 
 def to_point(d: dict[str, Any]) -> Point:
-  """A sweep dict -> Point (the config is resolved to name the workdir)."""
-  if "config" not in d:
-    raise ValueError(f"sweep point {d} has no 'config' (the config file)")
+  """A sweep dict -> Point (the config is resolved to name the workdir); SweepError naming the
+  point if it cannot be."""
+  if not isinstance(d, dict) or "config" not in d:
+    raise SweepError(f"sweep point {d!r} is not a dict with a 'config' (the config file)")
   overrides = tuple((k.removeprefix("config."), v) for k, v in d.items() if k not in RESERVED)
-  config = resolve_config(d["config"], d.get("arg", ""), overrides)
-  return Point(d["config"], d.get("arg", ""), overrides, run_name(config, d.get("name", "")))
+  try:
+    config = resolve_config(d["config"], d.get("arg", ""), overrides)
+    return Point(d["config"], d.get("arg", ""), overrides, run_name(config, d.get("name", "")))
+  except SweepError:
+    raise
+  except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    raise SweepError(f"sweep point {d}: {cli.one_line(e)}") from e
+
+
+def sweep_dicts(spec: str) -> list[dict[str, Any]]:
+  """What `get_sweep(arg)` of `SWEEP_FILE[:arg]` returns; SweepError unless a list."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
+  if not callable(getattr(module, "get_sweep", None)):
+    raise SweepError(f"{path} has no get_sweep(arg) function (a sweep file defines one that "
+                     "returns a list of dicts; see configs/sweeps/hyper.py)")
+  try:
+    points = module.get_sweep(arg or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"{path}: get_sweep({arg or None!r}) failed: {cli.one_line(e)}") from e
+  if not isinstance(points, (list, tuple)):
+    raise SweepError(f"{path}: get_sweep returned a {type(points).__name__}, expected a list of "
+                     "dicts")
+  return list(points)
 
 
 def expand(spec: str) -> list[Point]:
-  """Points of `SWEEP_FILE[:arg]`, in the sweep's order; fails on duplicate workdir names."""
-  path, _, arg = spec.partition(":")
-  points = [to_point(d) for d in load_module(path).get_sweep(arg or None)]
+  """Points of `SWEEP_FILE[:arg]`, in the sweep's order; SweepError naming what is wrong (a
+  file that does not import, no get_sweep, not a list of dicts, an unknown field, two points
+  with one workdir)."""
+  points = [to_point(d) for d in sweep_dicts(spec)]
   seen: dict[str, Point] = {}
   for p in points:
     if p.name in seen:
-      raise ValueError(f"two sweep points share the workdir {p.name!r}: {seen[p.name]} and {p}; "
+      raise SweepError(f"two sweep points share the workdir {p.name!r}: {seen[p.name]} and {p}; "
                        "add a 'name' tag to tell them apart")
     seen[p.name] = p
   return points
@@ -181,7 +219,8 @@ def run_logged(cmd: list[str], workdir: str) -> int:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
     rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-  if rc != 0 and not os.path.exists(wd.path(workdir, wd.RESULTS_FILE)):
+  if rc not in (0, wd.BUSY_EXIT_STATUS) and not os.path.exists(wd.path(workdir,
+                                                                          wd.RESULTS_FILE)):
     with open(log_path) as f:
       tail = f.read()[-4000:]
     with open(wd.path(workdir, wd.FAILED_FILE), "w") as f:
@@ -195,24 +234,59 @@ def run_streamed(cmd: list[str], workdir: str) -> int:
   return subprocess.run(cmd).returncode
 
 
+def point_config(point: Point, extra: Sequence[str] = ()):
+  """The config train.py runs for `point` with the extra `--config.KEY=VALUE` flags."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = resolve_config(point.config_file, point.config_arg, point.overrides)
+  try:
+    common.apply_overrides(config, dict(a[len("--config."):].partition("=")[::2] for a in extra))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise SweepError(f"{' '.join(extra)}: {cli.one_line(e)}") from e
+  return config
+
+
+def _skip_reason(workdir: str, retry_diverged: bool, config=None) -> str | None:
+  """"running" (another process holds the workdir), "changed" (`changed_config`), "finished",
+  "diverged" (unless retried), or None for a point to run."""
+  if wd.lock_holder(workdir) is not None:
+    return "running"
+  if config is not None and wd.changed_config(workdir, config):
+    return "changed"
+  status = results_lib.workdir_status(workdir)[0]
+  if status == "finished" or (status == "diverged" and not retry_diverged):
+    return status
+  return None
+
+
 def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], list[str]], *,
               runner: Callable[[list[str], str], int] = run_logged, parallel: int = 1,
               dry_run: bool = False, check_workdirs: bool = True, retry_diverged: bool = False,
-              cwd: str | None = str(REPO), out=None) -> dict[str, str]:
+              cwd: str | None = str(REPO), out=None, extra: Sequence[str] = ()
+              ) -> dict[str, str]:
   """Runs (or with dry_run prints) one command per point, `parallel` at a time.
 
   With check_workdirs, finished and diverged points are skipped and a stale FAILED marker is
-  removed before a rerun. Returns {point name: outcome}: skipped-finished, skipped-diverged,
-  planned (dry run), ok, or failed (rc N).
+  removed before a rerun; a point another process is running (its workdir's lock) is skipped,
+  at planning and again just before it starts. Returns {point name: outcome}:
+  skipped-finished, skipped-diverged, skipped-running, refused (another config than its
+  workdir's, `changed_config`, with the `extra` flags), planned (dry run), ok, or failed (rc N).
   """
   out = out or sys.stdout
   outcome: dict[str, str] = {}
   todo = []
+  configs = {p.name: point_config(p, extra) for p in points} if check_workdirs else {}
   for p in points:
-    status = results_lib.workdir_status(p.workdir(root))[0] if check_workdirs else "new"
-    if status == "finished" or (status == "diverged" and not retry_diverged):
-      outcome[p.name] = f"skipped-{status}"
-      print(f"# skip ({status}): {p.workdir(root)}", file=out)
+    skip = (_skip_reason(p.workdir(root), retry_diverged, configs[p.name]) if check_workdirs
+            else None)
+    if skip == "changed":
+      changes = wd.changed_config(p.workdir(root), configs[p.name])
+      outcome[p.name] = "refused"
+      print(f"# refuse: {p.workdir(root)} holds a run of another config "
+            f"({'; '.join(map(str, changes))}); rerun with its flags or use another --root",
+            file=out)
+    elif skip is not None:
+      outcome[p.name] = f"skipped-{skip}"
+      print(f"# skip ({skip}): {p.workdir(root)}", file=out)
     else:
       todo.append(p)
   if dry_run:
@@ -226,18 +300,24 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
 
   def one(i: int, p: Point) -> None:
     run_dir = p.workdir(root)
+    resumed = False
     if check_workdirs:
+      # Looked at again now: another sweep on this root may have run or be running it.
+      if (skip := _skip_reason(run_dir, retry_diverged, configs[p.name])) is not None:
+        with lock:
+          outcome[p.name] = f"skipped-{skip}"
+          print(f"[{i}/{len(todo)}] skip ({skip}): {run_dir}", file=out, flush=True)
+        return
       resumed = wd.has_checkpoints(run_dir)
       if os.path.exists(wd.path(run_dir, wd.FAILED_FILE)):
         os.remove(wd.path(run_dir, wd.FAILED_FILE))
-    else:
-      resumed = False
     with lock:
       print(f"[{i}/{len(todo)}] {'resume' if resumed else 'start'} {p.name}", file=out,
             flush=True)
     rc = runner(command(p), run_dir)
     with lock:
-      outcome[p.name] = "ok" if rc == 0 else f"failed (rc {rc})"
+      outcome[p.name] = ("ok" if rc == 0 else "skipped-running" if rc == wd.BUSY_EXIT_STATUS
+                         else f"failed (rc {rc})")
       print(f"[{i}/{len(todo)}] {outcome[p.name]}: {p.name}", file=out, flush=True)
 
   with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
@@ -272,7 +352,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if bad:
     parser.error(f"unrecognized arguments {bad} (only --config.KEY=VALUE passes to train.py)")
 
-  points = expand(args.sweep)
+  if not args.root.strip():
+    parser.error("--root is empty (an unset shell variable?): name the folder of the runs")
+  try:
+    points = expand(args.sweep)
+  except (SweepError, FileNotFoundError) as e:
+    cli.fail(parser.prog, e, 2)
   if args.only:
     points = [p for p in points if re.search(args.only, p.name)]
   if args.launcher == "tpu":
@@ -291,10 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = os.path.abspath(args.root)
     if args.parallel > 1:   # several runs on one GPU must not each grab 75% of its memory
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    outcome = run_sweep(points, root, lambda p: local_command(p, root, extra),
-                        runner=run_logged, parallel=args.parallel, dry_run=args.dry_run,
-                        retry_diverged=args.retry_diverged)
-  failed = [n for n, o in outcome.items() if o.startswith("failed")]
+    try:
+      outcome = run_sweep(points, root, lambda p: local_command(p, root, extra),
+                          runner=run_logged, parallel=args.parallel, dry_run=args.dry_run,
+                          retry_diverged=args.retry_diverged, extra=extra)
+    except (SweepError, wd.DamagedFileError) as e:
+      cli.fail(parser.prog, e, 2)
+  failed = [n for n, o in outcome.items() if o.startswith(("failed", "refused"))]
   if not args.dry_run:
     print(f"{len(points)} points: {sum(o == 'ok' for o in outcome.values())} ran, "
           f"{sum(o.startswith('skipped') for o in outcome.values())} skipped, "

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -404,3 +405,263 @@ def test_sigkill_at_five_random_points_then_rerun_is_bitwise_exact(tmp_path):
   res = json.loads((workdir / wd.RESULTS_FILE).read_text())
   assert (res["test_accuracy"], res["best_step"]) == (reference["test_accuracy"],
                                                       reference["best_step"]), killed_at
+
+
+# ----------------------------------------------------------------------------- one writer
+
+def _lock_by(workdir, pid, host=None):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / wd.LOCK_FILE).write_text(json.dumps({"host": host or socket.gethostname(),
+                                                  "pid": pid}))
+
+
+@pytest.fixture
+def live_pid():
+  proc = subprocess.Popen(["sleep", "60"])
+  yield proc.pid
+  proc.kill()
+  proc.wait()
+
+
+def test_second_writer_fails_naming_the_holder_and_writes_nothing(tmp_path, live_pid):
+  _lock_by(tmp_path, live_pid)
+  with pytest.raises(wd.WorkdirBusyError) as e:
+    run(config_of(steps=2), tmp_path)
+  assert f"in use by process {live_pid} on host {socket.gethostname()}" in str(e.value)
+  assert str(tmp_path / wd.LOCK_FILE) in str(e.value) and "\n" not in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == [wd.LOCK_FILE]         # nothing written
+  assert json.loads((tmp_path / wd.LOCK_FILE).read_text())["pid"] == live_pid
+  _lock_by(tmp_path, 1, host="another-host")                     # never taken over
+  with pytest.raises(wd.WorkdirBusyError, match="process 1 on host another-host"):
+    run(config_of(steps=2), tmp_path)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, caplog):
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  _lock_by(tmp_path, dead.pid)
+  with caplog.at_level(logging.WARNING, logger="luna_jax"):
+    run(config_of(steps=2), tmp_path)
+  assert any(f"taking over the lock of process {dead.pid}" in r.getMessage()
+             for r in caplog.records)
+  assert (tmp_path / wd.RESULTS_FILE).exists()
+  assert not (tmp_path / wd.LOCK_FILE).exists()                  # released at the end
+
+
+def test_two_train_processes_on_one_workdir(tmp_path):
+  cache = os.environ["LUNA_JAX_CACHE"]
+  workdir = tmp_path / "run"
+  first = subprocess.Popen(_cmd(workdir, 400, 100), cwd=REPO, env=_env(1, cache),
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in first.stdout:
+      if line.startswith("step "):
+        break
+    second = subprocess.run(_cmd(workdir, 400, 100, ["--config.seed=1"]), cwd=REPO,
+                            env=_env(1, cache), capture_output=True, text=True, timeout=300)
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stdout.close()
+  assert second.returncode == wd.BUSY_EXIT_STATUS, second.stderr[-2000:]
+  lines = second.stderr.strip().splitlines()
+  assert lines[-1].startswith("train.py: error: WorkdirBusyError: ")
+  assert f"in use by process {first.pid}" in lines[-1]
+  assert json.loads((workdir / wd.CONFIG_FILE).read_text())["seed"] == 0
+
+
+# ----------------------------------------------------------------------------- data identity
+
+@pytest.mark.parametrize("data", ["official", "generated"])
+def test_a_changed_data_file_under_a_stopped_run_is_refused(tmp_path, monkeypatch, data):
+  monkeypatch.setenv("LUNA_JAX_CACHE", str(tmp_path / "cache"))   # edits its own copy
+  config = config_of(steps=2, data_dir=str(_listops_dir(tmp_path)) if data == "official" else "")
+  workdir = tmp_path / "run"
+  run(config, workdir)
+  train_file = lra_tasks.load_task(config).sources["train"]
+  old = lra_tasks.common.file_digest(train_file)
+  with open(train_file, "a") as f:
+    f.write("( [MAX 1 2 ] )\t2\n")
+  new = lra_tasks.common.file_digest(train_file)
+  before = {p: (workdir / p).read_bytes() for p in (wd.CONFIG_FILE, wd.IDENTITY_FILE,
+                                                    wd.RESULTS_FILE, wd.METRICS_FILE)}
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    run(config, workdir)
+  name = os.path.basename(train_file)
+  assert f"the file {name} changed (sha256 {old!r} -> {new!r})" in str(e.value)
+  assert "trained on other data" in str(e.value) and "\n" not in str(e.value)
+  assert {p: (workdir / p).read_bytes() for p in before} == before
+
+
+def test_a_changed_device_count_is_recorded_and_said(tmp_path, capsys):
+  config = config_of(steps=2)
+  run(config, tmp_path)
+  identity = json.loads((tmp_path / wd.IDENTITY_FILE).read_text())
+  assert identity["num_devices"] == jax.device_count() == 8
+  assert identity["data"]["source"] == "generated" and identity["data"]["files"]
+  identity["num_devices"] = 4                       # as if it had been trained on 4 devices
+  (tmp_path / wd.IDENTITY_FILE).write_text(json.dumps(identity))
+  capsys.readouterr()
+  run(config_of(steps=4, allow_resume_changes=True), tmp_path)
+  assert "resumed with a change: num_devices: 4 -> 8" in capsys.readouterr().out
+  history = wd.read_jsonl(str(tmp_path / wd.CONFIG_HISTORY_FILE))
+  assert history[0]["changes"]["num_devices"] == [4, 8]
+  assert json.loads((tmp_path / wd.IDENTITY_FILE).read_text())["num_devices"] == 8
+
+
+# ----------------------------------------------------------------------------- no silent restart
+
+def test_a_second_rerun_after_unreadable_checkpoints_keeps_best_and_results(reference, tmp_path):
+  config = config_of()
+  run(config, tmp_path)
+  for step in (2, 4):
+    (tmp_path / wd.CHECKPOINTS_DIR / str(step) / "data_iter" / "metadata").write_text("{")
+  with pytest.raises(wd.CheckpointError, match="--start_over"):
+    run(config, tmp_path)
+  kept = {p: (tmp_path / p).read_bytes() for p in (wd.RESULTS_FILE, wd.METRICS_FILE)}
+  best = sorted(os.listdir(tmp_path / wd.BEST_DIR))
+  with pytest.raises(wd.CheckpointError) as e:                   # the identical second rerun
+    run(config, tmp_path)
+  assert str(e.value) == (
+      f"{tmp_path} has no readable training checkpoint and its checkpoints were unreadable "
+      f"(moved aside to corrupt-2, corrupt-4); it holds best/{best[0]} and results.json of an "
+      "earlier run: a start from step 0 would replace them. Rerun with --start_over to train "
+      "again from step 0, or use a new --workdir")
+  assert {p: (tmp_path / p).read_bytes() for p in kept} == kept
+  assert sorted(os.listdir(tmp_path / wd.BEST_DIR)) == best
+  results = trainer.train_and_evaluate(config, str(tmp_path), start_over=True)
+  assert results["test_accuracy"] == reference[0]["test_accuracy"]
+  assert_consistent(tmp_path, config)
+
+
+def test_deleted_training_checkpoints_with_intact_best_are_not_started_over(tmp_path):
+  config = config_of()
+  run(config, tmp_path)
+  shutil.rmtree(tmp_path / wd.CHECKPOINTS_DIR)
+  results = (tmp_path / wd.RESULTS_FILE).read_bytes()
+  with pytest.raises(wd.CheckpointError, match=r"holds best/\d and results.json"):
+    run(config, tmp_path)
+  assert (tmp_path / wd.RESULTS_FILE).read_bytes() == results
+  assert os.listdir(tmp_path / wd.BEST_DIR)
+
+
+def test_an_empty_workdir_is_refused(tmp_path):
+  with pytest.raises(wd.WorkdirError, match="the workdir is empty"):
+    run(config_of(steps=2), "")
+  cmd = [str(REPO / a) if a == "train.py" else a.replace("=configs/", f"={REPO}/configs/")
+         for a in _cmd("", 2, 2)]
+  r = subprocess.run(cmd, cwd=tmp_path, env=_env(1, os.environ["LUNA_JAX_CACHE"]),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      "train.py: error: WorkdirError: the workdir is empty ('': an unset shell variable?): "
+      "name a folder for the run, e.g. --workdir=runs/NAME")
+  assert os.listdir(tmp_path) == []                               # nothing in the cwd
+
+
+# ----------------------------------------------------------------------------- fields that matter
+
+def test_a_changed_grain_workers_is_refused_before_the_restore(tmp_path):
+  run(config_of(steps=2), tmp_path)
+  with pytest.raises(wd.ConfigMismatchError, match=r"config.grain_workers: 0 -> 2"):
+    run(config_of(steps=4, grain_workers=2, allow_resume_changes=True), tmp_path)
+  assert not (tmp_path / wd.CONFIG_HISTORY_FILE).exists()
+
+
+def test_num_train_steps_below_the_finished_step_is_refused(tmp_path):
+  run(config_of(steps=4), tmp_path)
+  results = (tmp_path / wd.RESULTS_FILE).read_bytes()
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    run(config_of(steps=2, allow_resume_changes=True), tmp_path)
+  assert str(e.value) == (
+      f"config.num_train_steps=2 is below step 4 of the checkpoint in "
+      f"{tmp_path / wd.CHECKPOINTS_DIR}: a run is not shortened after the fact; rerun with "
+      "num_train_steps >= 4, or use a new --workdir")
+  assert (tmp_path / wd.RESULTS_FILE).read_bytes() == results
+  assert json.loads((tmp_path / wd.CONFIG_FILE).read_text())["num_train_steps"] == 4
+
+
+@pytest.mark.parametrize("field,value", [("learning_rate", math.inf), ("weight_decay", math.nan),
+                                         ("grad_clip", math.nan), ("adam_eps", -math.inf)])
+def test_non_finite_float_fields_are_refused(tmp_path, field, value):
+  with pytest.raises(wd.ConfigError) as e:
+    run(config_of(**{field: value}), tmp_path / "run")
+  assert str(e.value) == f"config.{field}={value} must be a finite number"
+  assert not (tmp_path / "run").exists()
+
+
+def test_divergence_before_the_first_checkpoint_says_so(tmp_path):
+  config = config_of(steps=8, every=8, learning_rate=1e30)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    run(config, tmp_path)
+  assert "No checkpoint was saved before it." in str(e.value)
+  assert "step None" not in str(e.value)
+  assert "No checkpoint was saved" in (tmp_path / wd.FAILED_FILE).read_text()
+
+
+def test_the_first_record_after_a_resume_names_the_steps_it_averages(tmp_path):
+  run(config_of(steps=2, log_every=4), tmp_path)
+  run(config_of(steps=6, log_every=4, allow_resume_changes=True), tmp_path)
+  train = {r["step"]: r for r in records(tmp_path) if "train_loss" in r}
+  assert sorted(train) == [2, 4, 6]
+  assert [train[s].get("averaged_steps") for s in (2, 4, 6)] == [None, 2, None]
+  whole = tmp_path / "whole"
+  run(config_of(steps=6, log_every=4), whole)
+  assert not any("averaged_steps" in r for r in records(whole))
+
+
+# ----------------------------------------------------------------------------- signals, damage
+
+def test_garbage_iterator_state_is_an_unreadable_checkpoint(reference, tmp_path, caplog):
+  config = config_of()
+  run(config, tmp_path)
+  (tmp_path / wd.CHECKPOINTS_DIR / "4" / "data_iter" / "metadata").write_text('{"foo": 1}')
+  with caplog.at_level(logging.WARNING, logger="luna_jax"):
+    run(config, tmp_path)
+  assert any("checkpoint step 4 is unreadable" in r.getMessage() for r in caplog.records)
+  assert (tmp_path / wd.CHECKPOINTS_DIR / "corrupt-4").is_dir()
+  assert_same_params(params_of(tmp_path), reference[1])          # redone from step 2
+  assert_consistent(tmp_path, config)
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_a_signal_during_the_final_evaluation_keeps_the_step_and_the_rerun_evaluates(
+    reference, tmp_path, monkeypatch, capsys, signals):
+  original = trainer._final_evaluation
+
+  def interrupted(*args, **kwargs):
+    for s in signals:
+      os.kill(os.getpid(), s)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "_final_evaluation", interrupted)
+  config = config_of()
+  results = run(config, tmp_path)
+  name = signal.Signals(signals[0]).name
+  assert (f"received {name}: during the final evaluation; step 4 is saved, rerun the same "
+          "command to evaluate it") in capsys.readouterr().out
+  assert not results["finished"] and not (tmp_path / wd.RESULTS_FILE).exists()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+  monkeypatch.setattr(trainer, "_final_evaluation", original)
+  again = run(config, tmp_path)
+  assert again["test_accuracy"] == reference[0]["test_accuracy"]
+  assert_consistent(tmp_path, config)
+
+
+def test_a_checkpoint_that_cannot_be_read_for_another_reason_is_not_moved(tmp_path,
+                                                                         monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = config_of()
+  run(config, tmp_path)
+
+  def denied(self, step, *args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied", f"checkpoints/{step}/state")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(wd.CheckpointError) as e:
+    run(config, tmp_path)
+  assert str(e.value).startswith(f"cannot read checkpoint step 4 in {tmp_path / 'checkpoints'} "
+                                 "(PermissionError: [Errno 13] Permission denied")
+  assert "nothing was moved" in str(e.value)
+  assert sorted(os.listdir(tmp_path / wd.CHECKPOINTS_DIR)) == ["2", "4"]
+  assert (tmp_path / wd.RESULTS_FILE).exists()

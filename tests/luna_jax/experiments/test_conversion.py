@@ -1,6 +1,7 @@
 """Post-hoc conversion end to end: init_from in the trainer, and the conversion study."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -74,7 +75,7 @@ def test_incompatible_source_fails_before_compute(source, tmp_path):
   c.model.emb_dim = 32
   with pytest.raises(ValueError, match="model.emb_dim: source 16, target 32"):
     trainer.train_and_evaluate(c, str(tmp_path / "w"))
-  assert not (tmp_path / "w" / wd.CHECKPOINTS_DIR).exists()
+  assert not (tmp_path / "w").exists()
 
 
 def test_study_writes_table_and_plot(source, tmp_path):
@@ -134,3 +135,82 @@ def test_short_fine_tunes_keep_the_source_peak_learning_rate(schedule):
     return max(float(trainer.learning_rate_schedule(c)(s)) for s in range(c.num_train_steps))
 
   assert peak(target) == pytest.approx(peak(src), rel=1e-3)
+
+
+def test_study_rerun_with_another_source_is_refused(source, tmp_path):
+  first, second = tmp_path / "first", tmp_path / "second"
+  shutil.copytree(source, first)
+  shutil.copytree(source, second)                 # the same checkpoint under another path
+  root = str(tmp_path / "study")
+  conversion.run_study(str(first), ["softmax"], [0], root)
+  info = wd.read_json(os.path.join(root, "softmax", "converted_n0", wd.INIT_FROM_FILE))
+  assert info["sha256"] == wd.best_identity(str(first))["sha256"]
+  with pytest.raises(wd.ConfigMismatchError) as e:
+    conversion.run_study(str(second), ["softmax"], [0], root, train=False)
+  assert (f"holds a run of another config (config.init_from: {str(first)!r} -> "
+          f"{str(second)!r}): use another --root for this study") in str(e.value)
+  # The same path, retrained: its best checkpoint is another one.
+  best = first / wd.BEST_DIR
+  step_dir = best / os.listdir(best)[0]
+  array = max((os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs),
+              key=os.path.getsize)
+  with open(array, "r+b") as f:
+    byte = f.read(1)
+    f.seek(0)
+    f.write(bytes([byte[0] ^ 1]))
+  with pytest.raises(wd.ConfigMismatchError, match="was converted from another source "
+                                                   "checkpoint .*: use another --root"):
+    conversion.run_study(str(first), ["softmax"], [0], root)
+
+
+def test_a_converted_run_no_longer_needs_its_source(source, tmp_path):
+  copy = tmp_path / "source"
+  shutil.copytree(source, copy)
+  evaluated = converted_config("softmax", 0, str(copy))
+  tuned = converted_config("linear_elu", 2, str(copy))
+  first = trainer.train_and_evaluate(evaluated, str(tmp_path / "n0"))
+  trainer.train_and_evaluate(tuned, str(tmp_path / "n2"))
+  shutil.rmtree(copy)
+  again = trainer.train_and_evaluate(evaluated, str(tmp_path / "n0"))    # re-evaluated
+  assert again["test_accuracy"] == first["test_accuracy"]
+  assert again["init_from"]["workdir"] == str(copy)                      # provenance kept
+  tuned.num_train_steps, tuned.allow_resume_changes = 4, True
+  resumed = trainer.train_and_evaluate(tuned, str(tmp_path / "n2"))     # resumed from step 2
+  assert resumed["finished"] and resumed["step"] == 4
+
+
+def test_a_signal_during_a_study_point_stops_the_study_in_one_line(source, tmp_path,
+                                                                   monkeypatch, capsys):
+  import signal  # pylint: disable=g-import-not-at-top
+  tick = trainer.metrics_lib.Progress.tick
+
+  def interrupted(self, step):
+    os.kill(os.getpid(), signal.SIGINT)
+    return tick(self, step)
+
+  monkeypatch.setattr(trainer.metrics_lib.Progress, "tick", interrupted)
+  args = ["--source", source, "--targets", "linear_elu", "--steps", "3",
+          "--root", str(tmp_path)]
+  assert conversion.main(args) == 0
+  captured = capsys.readouterr()
+  assert "received SIGINT: saved step 1" in captured.out
+  assert captured.err == (f"{conversion.PROG}: linear_elu converted N=3 was stopped at step 1 "
+                          "(its checkpoint is saved); rerun the same command to go on\n")
+  monkeypatch.setattr(trainer.metrics_lib.Progress, "tick", tick)
+  assert conversion.main(args) == 0
+  assert "| linear_elu | 3 |" in (tmp_path / "conversion.md").read_text()
+
+
+def test_study_input_errors_are_one_line(source, tmp_path, capsys):
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(source, unfinished)
+  (unfinished / wd.RESULTS_FILE).unlink()
+  for args, message in [
+      (["--source", str(tmp_path / "missing")], "FileNotFoundError: no config.json in"),
+      (["--source", str(unfinished)], f"SourceError: --source {unfinished}: no finished run")]:
+    with pytest.raises(SystemExit) as e:
+      conversion.main(args + ["--targets", "linear_elu", "--steps", "0", "--root",
+                              str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"{conversion.PROG}: error: {message}")

@@ -260,3 +260,40 @@ def test_verified_published_averages_are_the_means_of_their_rows():
       nums = [vals[t] for t in tasks if isinstance(vals.get(t), float)]
       if avg is not None and len(nums) == len(tasks):
         assert abs(sum(nums) / len(nums) - avg) < 0.006, (src.name, model)
+
+
+def test_a_damaged_run_is_listed_as_unreadable_and_the_report_goes_on(tmp_path, capsys):
+  fake_run(tmp_path / "runs", "listops/softmax", "listops", "softmax")
+  bad = fake_run(tmp_path / "runs", "listops/softmax_s1", "listops", "softmax", seed=1)
+  with open(os.path.join(bad, "metrics.jsonl"), "a") as f:
+    f.write("garbage\n{\"step\": 1}\n")
+  assert results.main(["--root", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
+  out = capsys.readouterr()
+  assert "| softmax | 50.00 (n=1) |" in out.out
+  assert "## Unreadable runs" in out.out
+  assert f"DamagedFileError: {bad}/metrics.jsonl:12: not a JSON object" in out.out
+  assert "(1 finished, 0 unfinished, 0 diverged, 0 failed, 1 unreadable, 0 copy)" in out.err
+
+
+def test_a_missing_root_is_an_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    results.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      f"python -m luna_jax.experiments.results: error: FileNotFoundError: --root "
+      f"{tmp_path / 'nowhere'}: no such folder\n")
+  assert not (tmp_path / "o").exists()
+
+
+def test_two_copies_of_one_run_are_one_run(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  first = fake_run(tmp_path, "listops/luna_s0", seed=0, test=0.40)
+  shutil.copytree(first, tmp_path / "old" / "luna_s0")
+  fake_run(tmp_path, "listops/luna_s1", seed=1, test=0.50)
+  runs = results.load_runs([str(tmp_path)])
+  copy = next(r for r in runs if r.workdir == str(tmp_path / "old" / "luna_s0"))
+  assert copy.status == "copy" and first in copy.message
+  rows = results.aggregate(runs)
+  assert len(rows) == 1 and len(rows[0].test) == 2
+  md = results.markdown(runs, rows, str(tmp_path), False)
+  assert "45.00 ± 7.07 (n=2)" in md and "## Copies of a run (counted once)" in md

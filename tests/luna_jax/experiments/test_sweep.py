@@ -4,14 +4,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
+import socket
 import subprocess
+import sys
 
 import pytest
 
 from configs.sweeps import hyper as h
 from luna_jax.experiments import results
 from luna_jax.experiments import sweep
+from luna_jax import workdir as wd
 
 
 def test_hyper_combinators_order_and_counts():
@@ -193,3 +197,140 @@ def test_cli_reports_failures_in_exit_status(tmp_path, monkeypatch, capsys):
                      "--only", "softmax"]) == 1
   assert "1 points: 0 ran, 0 skipped, 1 failed: listops/softmax_lr5e-2_s0" in (
       capsys.readouterr().out)
+
+
+def test_a_point_another_process_runs_is_skipped_and_left_alone(tmp_path, monkeypatch):
+  points = sweep.expand("configs/sweeps/lr_seed.py:listops,luna,lrs=1e-4,seeds=3")
+  root = str(tmp_path)
+  holder = subprocess.Popen(["sleep", "60"])
+  try:
+    busy = points[0].workdir(root)
+    os.makedirs(busy)
+    with open(os.path.join(busy, wd.LOCK_FILE), "w") as f:
+      json.dump({"host": socket.gethostname(), "pid": holder.pid}, f)
+    with open(os.path.join(busy, results.FAILED_FILE), "w") as f:
+      f.write("exit status -9")
+    calls = []
+
+    def runner(cmd, workdir):
+      calls.append(workdir)
+      if workdir == points[1].workdir(root):
+        _finish(points[2].workdir(root))      # another sweep finishes point 2 meanwhile
+      return 0
+
+    outcome = sweep.run_sweep(points, root, lambda p: [p.name], runner=runner,
+                              out=io.StringIO())
+  finally:
+    holder.kill()
+    holder.wait()
+  assert calls == [points[1].workdir(root)]
+  assert outcome == {points[0].name: "skipped-running", points[1].name: "ok",
+                     points[2].name: "skipped-finished"}
+  assert os.path.exists(os.path.join(busy, results.FAILED_FILE))     # not touched
+
+  # train.py refused the folder (taken between the check and the start): no FAILED marker.
+  monkeypatch.setattr(sweep.subprocess, "run",
+                      lambda cmd, **kw: subprocess.CompletedProcess(cmd, wd.BUSY_EXIT_STATUS))
+  other = str(tmp_path / "other")
+  assert sweep.run_logged(["python", "train.py"], other) == wd.BUSY_EXIT_STATUS
+  assert not os.path.exists(os.path.join(other, results.FAILED_FILE))
+  outcome = sweep.run_sweep(points[1:2], str(tmp_path / "r2"), lambda p: [p.name],
+                            out=io.StringIO())
+  assert outcome == {points[1].name: "skipped-running"}
+
+
+def test_an_empty_root_is_refused(capsys):
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["run", "configs/sweeps/quick.py", "--root", ""])
+  assert e.value.code == 2
+  assert "--root is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_extra_flags_is_refused_not_skipped(tmp_path, monkeypatch, capsys):
+  point = sweep.expand("configs/sweeps/quick.py")[1]
+  root = str(tmp_path)
+  workdir = point.workdir(root)
+  _finish(workdir)
+  os.makedirs(os.path.join(workdir, wd.BEST_DIR, "7"))
+  stored = wd.config_dict(sweep.point_config(point, ["--config.model.dropout=0.25"]))
+  with open(os.path.join(workdir, wd.CONFIG_FILE), "w") as f:
+    json.dump(stored, f)
+  monkeypatch.setattr(sweep, "run_logged", lambda cmd, w: pytest.fail(f"ran {cmd}"))
+  args = ["run", "configs/sweeps/quick.py", "--root", root, "--only", "softmax"]
+  assert sweep.main(args + ["--config.model.dropout=0.25", "--config.eval_every=7"]) == 0
+  assert f"# skip (finished): {workdir}" in capsys.readouterr().out   # bookkeeping only
+  assert sweep.main(args) == 1
+  out = capsys.readouterr().out
+  assert (f"# refuse: {workdir} holds a run of another config (config.model.dropout: 0.25 -> "
+          f"{point_config_value(point)}); rerun with its flags or use another --root") in out
+  assert "1 points: 0 ran, 0 skipped, 1 failed: listops/softmax_lr5e-2_s0" in out
+
+
+def point_config_value(point):
+  return repr(sweep.point_config(point).model.dropout)
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py'\n",
+     r"bad.py:\d+: syntax error: "),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropuot': 0.1}]\n", "sweep sets unknown config field 'model.dropuot'"),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropout': d} for d in (0.1, 0.2)]\n", "two sweep points share the workdir"),
+    ("POINTS = []\n", r"bad.py has no get_sweep\(arg\) function"),
+    ("def get_sweep(arg=None):\n  return {'config': 'configs/listops.py'}\n",
+     "get_sweep returned a dict, expected a list of dicts"),
+    ("def get_sweep(arg=None):\n  return ['configs/listops.py']\n",
+     "sweep point 'configs/listops.py' is not a dict with a 'config'"),
+    ("def get_sweep(arg=None):\n  return [{'config': 'configs/listops.py', "
+     "'model.dropout': 'high'}]\n", r"sweep point .*: "),
+])
+def test_malformed_sweep_files_are_one_line(tmp_path, capsys, body, message):
+  (tmp_path / "bad.py").write_text(body)
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["run", str(tmp_path / "bad.py"), "--root", str(tmp_path / "runs")])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("python -m luna_jax.experiments.sweep: error: SweepError: ")
+  assert re.search(message, err), err
+
+
+def test_a_bad_extra_flag_or_a_damaged_point_folder_is_one_line(tmp_path, capsys):
+  args = ["run", "configs/sweeps/quick.py", "--root", str(tmp_path), "--only", "softmax"]
+  with pytest.raises(SystemExit) as e:
+    sweep.main(args + ["--config.nonexistent=1"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1, err
+  assert "SweepError: --config.nonexistent=1: ValueError: config argument sets unknown field" in err
+  workdir = sweep.expand("configs/sweeps/quick.py")[1].workdir(str(tmp_path))
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, wd.METRICS_FILE), "w") as f:
+    f.write("garbage\n")
+  with pytest.raises(SystemExit):
+    sweep.main(args)
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"DamagedFileError: {workdir}/{wd.METRICS_FILE}:1" in err, err
+
+
+def test_two_sweeps_on_one_root_train_each_point_once(tmp_path):
+  from tests.luna_jax.test_trainer_scale import TINY  # pylint: disable=g-import-not-at-top
+  flags = {**TINY, "num_train_steps": 30, "eval_every": 10, "checkpoint_every": 10}
+  spec = tmp_path / "two.py"
+  spec.write_text(f"def get_sweep(arg=None):\n  return [dict({{'config': 'configs/listops.py', "
+                  f"'arg': 'softmax,quick', 'name': 'p%d' % i}}, **{flags!r}) for i in range(3)]\n")
+  root = tmp_path / "runs"
+  cmd = [sys.executable, "-m", "luna_jax.experiments.sweep", "run", str(spec), "--root",
+         str(root), "--parallel", "2"]
+  sweeps = [subprocess.Popen(cmd, cwd=sweep.REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in sweeps]
+  assert [p.returncode for p in sweeps] == [0, 0], outs
+  for point in sweep.expand(str(spec)):
+    workdir = point.workdir(str(root))
+    recs = wd.read_metrics(workdir)
+    train = [r["step"] for r in recs if "train_loss" in r]
+    assert train == list(range(1, 31)), (workdir, outs)                # trained once
+    assert sum(r["step"] == 0 for r in recs) == 1
+    assert os.path.exists(wd.path(workdir, wd.RESULTS_FILE))
+    assert not os.path.exists(wd.path(workdir, wd.LOCK_FILE))
