@@ -7,7 +7,7 @@ psi's pre-activation outputs are a piecewise-linear function of the scalar input
 
 where the segments are cut by the hidden units' breakpoints t_j = -b1_j / w1_j and act_sj says
 whether unit j is on in segment s (w1_j > 0: right of t_j; w1_j < 0: left of it; w1_j = 0: b1_j
-> 0 everywhere). So psi costs `hidden` compares (which segment) and one [2L]-row gather per
+> 0 everywhere). So psi costs `hidden` compares (which segment) and two L-value gathers per
 input instead of a [hidden] activation: the [tokens, H, m, hidden] array of
 the direct form never exists, in the forward or the backward pass. Values and gradients (w.r.t.
 u and all of psi's parameters, through the [hidden + 1, L] tables) are those of the direct form
