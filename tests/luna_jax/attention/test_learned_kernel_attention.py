@@ -97,3 +97,63 @@ def test_chunked_feature_map_is_exact_and_never_holds_the_hidden_activation():
   grad = jax.jit(jax.grad(lambda v, xx: (chunked.apply(v, xx, None)[0] ** 2).sum()))
   temp = grad.lower(v, jnp.zeros((b, n_long, d))).compile().memory_analysis().temp_size_in_bytes
   assert temp < hidden_bytes / 4      # unchunked: more than hidden_bytes (790 MiB measured)
+
+
+def _direct_psi(u_XxM, w1, b1, w2, b2):
+  """psi as the MLP it is (the implementation before scalar_mlp): the [.., M, hidden] activation."""
+  h_XxMxJ = jax.nn.relu(u_XxM[..., None] * w1 + b1)
+  spec = "...mj,jl->...ml" if w1.ndim == 1 else "...mj,mjl->...ml"
+  return jax.nn.relu(jnp.einsum(spec, h_XxMxJ, w2) + b2)
+
+
+@pytest.mark.parametrize("w1_zero", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
+def test_segment_lookup_psi_equals_the_mlp(shared, w1_zero):
+  from luna_jax.attention import scalar_mlp
+  m, j, l = 6, 16, 3
+  lead = () if shared else (m,)
+  k = jax.random.split(jax.random.key(0), 6)
+  u = 2.0 * jax.random.normal(k[0], (2, 3, 40, m))
+  w1 = jax.random.uniform(k[1], lead + (j,), minval=-1, maxval=1)
+  if w1_zero:   # units with w1 = 0 are constant: always on (b1 > 0) or always off
+    w1 = w1.at[..., :4].set(0.0)
+  b1 = jax.random.uniform(k[2], lead + (j,), minval=-1, maxval=1)
+  w2 = jax.random.uniform(k[3], lead + (j, l), minval=-0.5, maxval=0.5)
+  b2 = jax.random.uniform(k[4], lead + (l,), minval=-0.5, maxval=0.5)
+  g = jax.random.normal(k[5], u.shape + (l,))
+  loss = lambda f: lambda *a: (f(*a) * g).sum()
+  args = (u, w1, b1, w2, b2)
+  want, got = _direct_psi(*args), jax.jit(scalar_mlp.psi)(*args)
+  assert (want > 0).mean() > 0.2
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  gw = jax.grad(loss(_direct_psi), argnums=range(5))(*args)
+  gg = jax.jit(jax.grad(loss(scalar_mlp.psi), argnums=range(5)))(*args)
+  for a, b in zip(gg, gw):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("kw", [{}, {"shared_mlp": False, "envelope": "learned"},
+                                {"rms_rescale": True}, {"causal": True, "feature_chunk": 16}])
+def test_attention_outputs_and_gradients_equal_the_direct_mlp(monkeypatch, kw):
+  """The whole module with psi as a segment lookup against psi as the MLP (float32)."""
+  from luna_jax.attention import scalar_mlp
+  b, n, d, h = 2, 48, 32, 2
+  x = jax.random.normal(jax.random.key(0), (b, n, d))
+  mask = jnp.arange(n)[None] < jnp.array([[n], [30]])
+  module = LearnedKernelAttention(num_heads=h, num_features=8, num_outputs=4, hidden=16, **kw)
+  v = module.init(jax.random.key(1), x, mask)
+  v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+
+  def run(v, x):
+    y = module.apply(v, x, mask)[0]
+    return (jnp.sin(y) * mask[..., None]).sum(), y
+
+  def both():
+    return jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True))(v, x)
+
+  (_, y_new), g_new = both()
+  monkeypatch.setattr(scalar_mlp, "psi", _direct_psi)
+  (_, y_old), g_old = both()
+  np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5)
+  for a, b_ in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
+    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * float(jnp.abs(b_).max()))
