@@ -2,7 +2,7 @@ r"""Wall time of one training epoch with and without length bucketing (the train
 
 For each --buckets value (1 = no bucketing: every batch padded to config.seq_len), the epoch-0
 batch plan of `luna_jax.input_pipeline.BucketedBatches` over the task's train split gives how
-many batches of each static length one epoch has. Each shape's training step (`trainer.train_step`,
+many batches of each static length one epoch has. Each shape's training step (`steps.train_step`,
 jitted, the config's model and optimizer) is compiled once, run --warmup times, then timed
 --repeats times on real batches of that shape; the epoch time is sum over shapes of
 (batches x median step time), reported with the per-shape figures. With --full_steps K the
@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lra_tasks  # noqa: E402
-from luna_jax import input_pipeline, trainer  # noqa: E402
+from luna_jax import config_checks, input_pipeline, steps, trainer  # noqa: E402
 from luna_jax.experiments import sweep  # noqa: E402
 
 
@@ -76,16 +76,16 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
-  trainer.validate_config(config)
+  config_checks.validate_config(config)
   task = lra_tasks.load_task(config)
   if task.pad_id is None:
     raise SystemExit(f"{config.task} has no padding: length bucketing does not apply")
   train = task.splits["train"]
   lengths = input_pipeline.example_lengths(train, task.pad_id)
-  cfg = trainer.model_config(config, task)
+  cfg = steps.model_config(config, task)
   key = jax.random.key(config.seed)
-  state = trainer.init_state(config, cfg, key)
-  step_fn = jax.jit(functools.partial(trainer.train_step,
+  state = steps.init_state(config, cfg, key)
+  step_fn = jax.jit(functools.partial(steps.train_step,
                                       redraw_every=config.get("redraw_every", 0)))
   print(f"{config.task}: {len(train)} train examples, lengths {lengths.min()}-{lengths.max()} "
         f"(mean {lengths.mean():.0f}), batch {config.batch_size}, seq_len {config.seq_len}",

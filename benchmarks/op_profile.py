@@ -62,9 +62,9 @@ def _step(args: argparse.Namespace):
   import functools
   import jax
   from benchmarks import xla_flags
-  from luna_jax import trainer
+  from luna_jax import steps
   _, _, state, batch = xla_flags.synthetic_setup(args)
-  step = jax.jit(functools.partial(trainer.train_step, redraw_every=0))
+  step = jax.jit(functools.partial(steps.train_step, redraw_every=0))
   return step, (state, batch, jax.random.key(1))
 
 

@@ -5,7 +5,7 @@ Each part is jitted on its own and timed on the same synthetic batch as benchmar
 once, so a drift in the host's load hits all parts alike; the parts run unsharded on the first
 XLA device):
 
-  train step        trainer.train_step (state donated): everything below together
+  train step        steps.train_step (state donated): everything below together
   forward+backward  value_and_grad of the loss (model and loss, no optimizer)
   optimizer         TrainState.apply_gradients on fixed gradients (AdamW, clipping)
   forward           the model alone, training mode (dropout on)
@@ -62,25 +62,25 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
   import jax.numpy as jnp
   import numpy as np
 
-  from luna_jax import input_pipeline, models, trainer
+  from luna_jax import input_pipeline, models, steps
 
   config, cfg, state, batch = xla_flags.synthetic_setup(args)
   key = jax.random.key(1)
-  rngs = trainer.step_rngs(key, state.step, 0)
+  rngs = steps.step_rngs(key, state.step, 0)
   fns: dict[str, Callable[[], Any]] = {}
 
-  step = jax.jit(functools.partial(trainer.train_step, redraw_every=0), donate_argnums=0)
+  step = jax.jit(functools.partial(steps.train_step, redraw_every=0), donate_argnums=0)
   holder = {"state": state}
 
   def one_step():
     holder["state"], m = step(holder["state"], batch, key)
     return m
   fns["train step"] = one_step
-  state = trainer.init_state(config, cfg, jax.random.key(0))
+  state = steps.init_state(config, cfg, jax.random.key(0))
 
   def loss_fn(params):
     logits = state.apply_fn({"params": params}, batch["inputs"], deterministic=False, rngs=rngs)
-    return trainer.cross_entropy(logits, batch["targets"]).mean()
+    return steps.cross_entropy(logits, batch["targets"]).mean()
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   fns["forward+backward"] = lambda: grad_fn(state.params)
   grads = grad_fn(state.params)[1]

@@ -47,7 +47,7 @@ def synthetic_setup(args: argparse.Namespace):
   import jax
   import numpy as np
 
-  from luna_jax import models, trainer
+  from luna_jax import models, steps
   from luna_jax.experiments import sweep
 
   path, _, arg = args.config.partition(":")
@@ -56,7 +56,7 @@ def synthetic_setup(args: argparse.Namespace):
       config.model, vocab_size=args.vocab, num_classes=args.classes,
       max_len=config.model.get("max_len", 0) or config.seq_len, pad_id=0, num_docs=1,
       readout_length=config.seq_len)
-  state = trainer.init_state(config, cfg, jax.random.key(0))
+  state = steps.init_state(config, cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   lengths = rng.integers(args.min_len, args.max_len + 1, size=config.batch_size)
   x = np.zeros((config.batch_size, config.seq_len), np.int32)
@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-  from luna_jax import trainer
+  from luna_jax import steps
 
   _, _, state, batch = synthetic_setup(args)
   devices = jax.devices()
@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     mesh = Mesh(np.array(devices), ("data",))
     batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  step = jax.jit(functools.partial(trainer.train_step, redraw_every=0), donate_argnums=0)
+  step = jax.jit(functools.partial(steps.train_step, redraw_every=0), donate_argnums=0)
   key = jax.random.key(1)
   t0 = time.perf_counter()
   state, m = step(state, batch, key)

@@ -31,7 +31,7 @@ def evaluate_run(run: str, data_dir: str, split: str = "test") -> dict[str, Any]
 
   import lra_tasks  # pylint: disable=g-import-not-at-top
   from lra_tasks import listops  # pylint: disable=g-import-not-at-top
-  from luna_jax import trainer, workdir as wd  # pylint: disable=g-import-not-at-top
+  from luna_jax import steps, workdir as wd  # pylint: disable=g-import-not-at-top
 
   if split not in SPLITS:
     raise ValueError(f"--split={split!r}; expected one of {SPLITS}")
@@ -41,14 +41,14 @@ def evaluate_run(run: str, data_dir: str, split: str = "test") -> dict[str, Any]
     config.data_dir = os.path.abspath(data_dir) if data_dir else ""
   task = (listops.load(config, splits=(split,)) if config.task == "listops"
           else lra_tasks.load_task(config))
-  cfg = trainer.model_config(config, task)
-  mesh = trainer.data_mesh()
-  programs = trainer.programs_of(config, cfg, mesh)
+  cfg = steps.model_config(config, task)
+  mesh = steps.data_mesh()
+  programs = steps.programs_of(config, cfg, mesh)
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   data_sh = NamedSharding(mesh, PartitionSpec("data"))
-  out = trainer.evaluate_split(config, task, programs.eval, data_sh, split, params, step,
-                               trainer.run_keys(config)[1])
-  name = trainer.split_name(split)
+  out = steps.evaluate_split(config, task, programs.eval, data_sh, split, params, step,
+                               steps.run_keys(config)[1])
+  name = steps.split_name(split)
   params_file = wd.path(run, wd.PARAMS_FILE)
   return {"accuracy": out[f"{name}_accuracy"],
           "majority_accuracy": out[f"{name}_majority_accuracy"],

@@ -3,12 +3,10 @@ TensorFlow), only on process 0; the console progress line; console logging for t
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
-import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -77,30 +75,48 @@ class MetricWriter:
 read_metrics = wd.read_metrics
 
 
+def speed_record(steps: int, seconds: float, batch_size: int) -> dict[str, float]:
+  """A training record's speed: `steps_per_s` (the one steps/s figure: training steps per second
+  of time spent in training steps, without evaluation, logging, checkpoint saves or
+  compilation), `timed_steps` (the steps it counts) and `examples_per_s`."""
+  return {"steps_per_s": steps / seconds, "timed_steps": steps,
+          "examples_per_s": steps * batch_size / seconds}
+
+
+def run_steps_per_s(records: Sequence[Mapping[str, Any]]) -> float | None:
+  """results.json's steps/s: the records' timed steps over their time (records without
+  `timed_steps`, written before it existed, count as one step each); None without any."""
+  steps = seconds = 0.0
+  for r in records:
+    speed = r.get("steps_per_s")
+    if isinstance(speed, (int, float)) and speed > 0:
+      n = r.get("timed_steps", 1)
+      steps, seconds = steps + n, seconds + n / speed
+  return steps / seconds if seconds > 0 else None
+
+
 class Progress:
   """A one-line progress display with steps/s and ETA. On a terminal it redraws in place; in
-  non-interactive logs it prints only at the given log points."""
+  non-interactive logs it prints only at the given log points. The speed is the last training
+  record's `steps_per_s` (`speed_record`), the figure metrics.jsonl holds."""
 
   def __init__(self, total_steps: int, first_step: int):
     self.total, self.first = total_steps, first_step
-    self.t0 = time.time()
+    self.steps_per_s: float | None = None
     self.tty = sys.stdout.isatty() and jax.process_index() == 0
 
-  def rate(self, step: int) -> float:
-    done = step - self.first
-    return done / max(time.time() - self.t0, 1e-9)
-
   def line(self, step: int, metrics: Mapping[str, Any]) -> str:
-    """`step s/total | metrics | steps/s | ETA`; speed only once steps ran, ETA only before the
-    end."""
-    rate = self.rate(step)
+    """`step s/total | metrics | steps/s | ETA`; speed and ETA once a training record gave a
+    speed, ETA only before the end."""
+    if isinstance(metrics.get("steps_per_s"), (int, float)):
+      self.steps_per_s = float(metrics["steps_per_s"])
     parts = [f"step {step}/{self.total}"]
     parts += [f"{k} {_plain(v):.4g}" for k, v in metrics.items()
               if isinstance(_plain(v), float) and not k.endswith("_per_s")]
-    if step > self.first:
-      parts.append(f"{rate:.2f} steps/s")
-    if step < self.total:
-      parts.append(f"ETA {_fmt_time((self.total - step) / rate if rate > 0 else math.nan)}")
+    if self.steps_per_s is not None:
+      parts.append(f"{self.steps_per_s:.2f} steps/s")
+      if step < self.total:
+        parts.append(f"ETA {_fmt_time((self.total - step) / self.steps_per_s)}")
     return " | ".join(parts)
 
   def tick(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:

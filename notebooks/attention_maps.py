@@ -51,7 +51,7 @@ from IPython.display import Image, display
 import lra_tasks
 from configs import listops as listops_config
 from configs import pathfinder as pathfinder_config
-from luna_jax import trainer, workdir as wd
+from luna_jax import steps, trainer, workdir as wd
 from luna_jax.analysis import attention_maps, plotting
 
 os.makedirs(OUT_DIR, exist_ok=True)
@@ -116,7 +116,7 @@ for name, config in configs.items():
   saved_config, params, step = attention_maps.load_params(workdir)
   task = lra_tasks.load_task(saved_config)
   trained[name] = dict(config=saved_config, params=params, task=task,
-                      model_cfg=trainer.model_config(saved_config, task))
+                      model_cfg=steps.model_config(saved_config, task))
   print(f"{name}: step {step} ({workdir})")
 
 # %% [markdown]

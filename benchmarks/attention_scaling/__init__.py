@@ -4,7 +4,7 @@ Two modes:
 * `layer`: one attention layer, forward + backward of mean(y**2) with respect to its params and
   its input (and Luna's P), deterministic (no dropout).
 * `model`: the byte-level Text classifier of LRA Table 2 (4 layers, D=256, 4 heads, MLP 1024,
-  batch 32, 259-token vocabulary), one step of the trainer (`luna_jax.trainer.train_step`:
+  batch 32, 259-token vocabulary), one step of the trainer (`luna_jax.steps.train_step`:
   forward + backward + AdamW update, dropout on).
 
 Every point reports compile time, the median step time after warm-up, examples/s and tokens/s,

@@ -1,7 +1,7 @@
 """The jitted steps a point times: one attention layer's gradients, or the trainer's step.
 
-Model mode runs `luna_jax.trainer.train_step` (the step train.py runs: softmax cross-entropy,
-dropout and feature rngs from the step counter, AdamW update) on a `trainer.TrainState`, jitted
+Model mode runs `luna_jax.steps.train_step` (the step train.py runs: softmax cross-entropy,
+dropout and feature rngs from the step counter, AdamW update) on a `steps.TrainState`, jitted
 with the state donated as the trainer does. The optimizer is the LRA Text one at a constant
 learning rate, `optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01)`: a schedule
 changes no step time, and the benchmark has no config to build one from.
@@ -20,7 +20,7 @@ import optax
 
 from benchmarks.attention_scaling.specs import (DEFAULT_LUNA_PROJ_LEN, NUM_CLASSES, VOCAB_SIZE,
                                                 MechanismSpec, parse_ints)
-from luna_jax import models, trainer
+from luna_jax import models, steps
 from luna_jax.attention import common, get_attention
 
 REDRAW_EVERY = 1000       # random-feature redraw interval (config.model.redraw_every default)
@@ -171,15 +171,15 @@ def text_optimizer() -> optax.GradientTransformation:
 
 
 def trainer_step() -> Callable:
-  """`trainer.train_step` jitted as the trainer jits it: (state, batch, key), state donated."""
-  return jax.jit(functools.partial(trainer.train_step, redraw_every=REDRAW_EVERY),
+  """`steps.train_step` jitted as the trainer jits it: (state, batch, key), state donated."""
+  return jax.jit(functools.partial(steps.train_step, redraw_every=REDRAW_EVERY),
                  donate_argnums=(0,))
 
 
 def twin_trainer_step(apply_fn: Callable) -> Callable:
-  """`trainer.train_step` on the state's params and optimizer, with `apply_fn` as the model."""
+  """`steps.train_step` on the state's params and optimizer, with `apply_fn` as the model."""
   def step(state, batch, key):
-    return trainer.train_step(state.replace(apply_fn=apply_fn), batch, key, REDRAW_EVERY)
+    return steps.train_step(state.replace(apply_fn=apply_fn), batch, key, REDRAW_EVERY)
   return jax.jit(step)
 
 
@@ -192,7 +192,7 @@ def text_batch(length: int, batch: int) -> dict[str, jax.Array]:
 
 def build_model_step(spec: MechanismSpec, length: int, args: argparse.Namespace,
                      cache: dict[str, Any]) -> Step:
-  """The Text classifier: one `trainer.train_step` (forward + backward + AdamW update, dropout
+  """The Text classifier: one `steps.train_step` (forward + backward + AdamW update, dropout
   on) on random bytes; the next call gets the new state."""
   batch = text_batch(length, args.batch)
   short_BxS = batch["inputs"][:, :min(length, 16)]
@@ -207,7 +207,7 @@ def build_model_step(spec: MechanismSpec, length: int, args: argparse.Namespace,
   shapes = jax.eval_shape(lambda k: model.init(k, short_BxS)["params"], kinit)
   # Copies: the step donates its state, and the cached params serve the next length too.
   params = jax.tree.map(lambda x: x.copy(), fit_params(cache["params"], shapes))
-  state = jit_run(lambda p: trainer.TrainState.create(apply_fn=model.apply, params=p,
+  state = jit_run(lambda p: steps.TrainState.create(apply_fn=model.apply, params=p,
                                                       tx=text_optimizer()),
                   params, options=compiler_options(args))
   twin = None

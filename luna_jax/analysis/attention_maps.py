@@ -160,7 +160,7 @@ def attention_maps(model_cfg: models.ModelConfig | ml_collections.ConfigDict, pa
 
   Args:
     model_cfg: the static model description, or a training config together with `task`
-      (the model description is then `trainer.model_config(config, task)`).
+      (the model description is then `steps.model_config(config, task)`).
     params: the classifier's params (e.g. from `load_params`).
     inputs: int tokens [B, N] (or [B, 2, N] for Retrieval); keep B small.
     task: the loaded task, needed only when `model_cfg` is a training config.
@@ -174,8 +174,8 @@ def attention_maps(model_cfg: models.ModelConfig | ml_collections.ConfigDict, pa
   if isinstance(model_cfg, ml_collections.ConfigDict):
     if task is None:
       raise ValueError("attention_maps(config, ...) with a training config needs task=")
-    from luna_jax import trainer  # pylint: disable=g-import-not-at-top
-    model_cfg = trainer.model_config(model_cfg, task)
+    from luna_jax import steps  # pylint: disable=g-import-not-at-top
+    model_cfg = steps.model_config(model_cfg, task)
   inputs = np.asarray(inputs)
   n = inputs.shape[-1]
   is_luna = model_cfg.attention == "luna"

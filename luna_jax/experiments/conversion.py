@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import ml_collections
 
 import lra_tasks
-from luna_jax import cli, trainer, transfer
+from luna_jax import cli, config_checks, trainer, transfer
 from luna_jax import workdir as wd
 
 PROG = "python -m luna_jax.experiments.conversion"
@@ -115,7 +115,7 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
   nan = float("nan")
   for target in targets:
     try:            # a target this source cannot become is a table row, not a crash
-      trainer.validate_config(target_config(source, target, max(steps, default=1), source_dir))
+      config_checks.validate_config(target_config(source, target, max(steps, default=1), source_dir))
     except wd.ConfigError as e:
       print(f"{target}: not convertible from this source: {e}", flush=True)
       rows += [{"target": target, "steps": n, "source_test_accuracy": base,

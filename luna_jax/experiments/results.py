@@ -337,6 +337,12 @@ def _fmt(x: float | None, digits: int = 2) -> str:
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def seeds_cell(row: Row) -> str:
+  """The seeds column: their count and which, e.g. "1 (seed 0)", "3 (seeds 0, 1, 2)"."""
+  seeds = [str(r.seed) for r in row.runs]
+  return f"{len(seeds)} (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})"
+
+
 def _cell(row: Row | None) -> str:
   if row is None or not row.test:
     return "—"
@@ -448,7 +454,7 @@ def markdown(runs: list[Run], rows: list[Row], root: str, with_published: bool) 
       detail.append([
           row.protocol, TASK_TITLES.get(row.task, row.task),
           row.mechanism + (" *" if row.selected else ""), row.variant or "—",
-          ",".join(str(r.seed) for r in row.runs), _cell(row),
+          seeds_cell(row), _cell(row),
           _fmt(row.val_mean if row.val_mean > -math.inf else None),
           f"{int(row.median('num_params')):,}" if row.median("num_params") else "—",
           _fmt(row.median("steps_per_s")), _fmt(speeds.get(row.mechanism, {}).get(row.task)),
@@ -549,6 +555,15 @@ def _write_csv(path: str, fields: Iterable[str], rows: list[dict[str, Any]]) -> 
 
 # ----------------------------------------------------------------------------- plots
 
+def _set_title(ax: Any, title: str, fontsize: float) -> None:
+  """`title`, each line wrapped to the figure's width (a long group name is not clipped)."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+  width_pt = ax.figure.get_figwidth() * 72 * 0.92
+  chars = max(int(width_pt / (0.6 * fontsize)), 20)
+  lines = [w for line in title.split("\n") for w in (textwrap.wrap(line, chars) or [""])]
+  ax.set_title("\n".join(lines), fontsize=fontsize)
+
+
 def _figure(width: float, height: float):
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   return Figure(figsize=(width, height))   # no pyplot: renders with Agg, no global state
@@ -582,8 +597,7 @@ def plot_accuracy(table: dict[str, dict[str, Row]], path: str, with_published: b
         labelled = True
   ax.set_xticks(range(len(tasks)), [TASK_TITLES.get(t, t) for t in tasks])
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"Test accuracy (measured; mean ± std over seeds)\n{_group_title(group)}",
-               fontsize=8)
+  _set_title(ax, f"Test accuracy (measured; mean ± std over seeds)\n{_group_title(group)}", 8)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -641,7 +655,7 @@ def plot_speed_accuracy(table: dict[str, dict[str, Row]], path: str,
   title = f"Speed vs accuracy (marker area: {size_name})\n{_group_title(group)}"
   if show_published:
     title += "\npublished (gray): Text 4K speed, 5-task average"
-  ax.set_title(title, fontsize=9)
+  _set_title(ax, title, 9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -667,7 +681,7 @@ def plot_curves(runs: list[Run], path: str, group: Group) -> None:
                  color=f"C{i % 10}", marker="*", s=60, zorder=3)
   ax.set_xlabel("training step")
   ax.set_ylabel("validation accuracy (%)  (★ test, best checkpoint)", fontsize=8)
-  ax.set_title(f"Accuracy vs step\n{_group_title(group)}", fontsize=8)
+  _set_title(ax, f"Accuracy vs step\n{_group_title(group)}", 8)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import attention_scaling as bench
-from luna_jax import trainer
+from luna_jax import steps
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--lengths", "64,128", "--dim", "16", "--heads", "2", "--batch", "1", "--layers", "1",
@@ -183,21 +183,21 @@ def test_model_mode_runs_the_trainers_step(monkeypatch):
   args = _point_args("--mode", "model", "--mechanisms", "softmax")
   spec = bench.parse_mechanisms("softmax")[0]
   traced = []
-  train_step = trainer.train_step
+  train_step = steps.train_step
 
   def spy(*a, **kw):
     traced.append(True)
     return train_step(*a, **kw)
 
   with monkeypatch.context() as m:
-    m.setattr(trainer, "train_step", spy)
+    m.setattr(steps, "train_step", spy)
     row = bench.run_point(spec, 16, args, None)
   assert row["status"] == "ok", row["message"]
-  assert traced, "model mode did not call trainer.train_step"
+  assert traced, "model mode did not call steps.train_step"
 
   step = bench.build_model_step(spec, 16, args, {})
   state, batch, key = step.args
-  assert isinstance(state, trainer.TrainState)
+  assert isinstance(state, steps.TrainState)
   want, _ = jax.jit(train_step, static_argnums=3)(state, batch, key, bench.steps.REDRAW_EVERY)
   out = step.fn(*step.args)          # donates `state`
   got, metrics = out

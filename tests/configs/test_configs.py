@@ -4,7 +4,7 @@ import importlib
 import pytest
 
 from configs import common
-from luna_jax import trainer
+from luna_jax import config_checks
 from luna_jax.attention import ATTENTION_NAMES
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -16,7 +16,7 @@ def test_every_task_and_attention_builds(task, attention):
   mod = importlib.import_module(f"configs.{task}")
   for arg in (attention, f"{attention},quick"):
     c = mod.get_config(arg)
-    trainer.validate_config(c)          # every shipped config passes the pre-compute checks
+    config_checks.validate_config(c)          # every shipped config passes the pre-compute checks
     assert c.task == task and c.model.attention == attention
     assert c.seq_len > 0 and c.batch_size > 0
     assert c.model.emb_dim % c.model.num_heads == 0
@@ -57,6 +57,6 @@ def test_patch_embedding_needs_a_patch_size():
   c = importlib.import_module("configs.pathfinder").get_config("luna")
   c.model.embedding = "patches"
   with pytest.raises(ValueError, match="patch_size >= 1"):
-    trainer.validate_config(c)
+    config_checks.validate_config(c)
   c.model.patch_size = 4
-  trainer.validate_config(c)
+  config_checks.validate_config(c)

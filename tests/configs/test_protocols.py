@@ -9,7 +9,7 @@ import pytest
 from configs import common
 from lra_tasks import byte_tokens
 from lra_tasks import listops
-from luna_jax import models, trainer
+from luna_jax import config_checks, models, optim
 from luna_jax.attention import ATTENTION_NAMES
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -147,7 +147,7 @@ SKYFORMER_TABLE = {
 @pytest.mark.parametrize("attention", ATTENTION_NAMES)
 def test_small_protocol_for_every_task_and_mechanism(task, attention, protocol, table):
   c = get(task, f"{attention},{protocol}")
-  trainer.validate_config(c)
+  config_checks.validate_config(c)
   batch, steps, warmup, every, batches, lr, content, seq_len, positions = table[task]
   assert c.protocol == protocol
   assert (c.batch_size, c.num_train_steps, c.warmup_steps, c.eval_every) == (batch, steps,
@@ -221,7 +221,7 @@ def test_protocol_names_and_overrides():
 
 def test_one_cycle_schedule_and_momentum_follow_torch():
   c = get("listops", "softmax,small")
-  lr = trainer.learning_rate_schedule(c)
+  lr = optim.learning_rate_schedule(c)
   peak, start = 1e-4, 1e-4 / 25
   end = start / 1e4
   assert float(lr(0)) == pytest.approx(start)
@@ -229,7 +229,7 @@ def test_one_cycle_schedule_and_momentum_follow_torch():
   assert float(lr(999)) == pytest.approx(peak)
   assert float(lr(4999)) == pytest.approx(end, rel=1e-3)
   assert float(lr(3000)) == pytest.approx(peak + (end - peak) * (3000 - 999) / (4999 - 999))
-  tx = trainer.make_optimizer(c)
+  tx = optim.make_optimizer(c)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   grads = {"w": jnp.ones(3)}

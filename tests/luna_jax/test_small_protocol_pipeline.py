@@ -14,7 +14,7 @@ import pytest
 from configs import listops as listops_config
 from lra_tasks import byte_tokens, common
 from luna_jax import input_pipeline as ip
-from luna_jax import models, trainer
+from luna_jax import config_checks, models, optim, steps, trainer
 
 
 def split_of(n: int) -> list[dict[str, np.ndarray]]:
@@ -58,22 +58,22 @@ def test_trainer_picks_the_stream_batch_of_each_evaluation():
   task = common.TaskData(name="listops", splits={"validation": split_of(10),
                                                  "test": split_of(10)},
                          vocab_size=17, num_classes=10, seq_len=4)
-  at_100 = ids(trainer._eval_batches(c, task, "validation", 100, (), {}))
+  at_100 = ids(steps.eval_batches(c, task, "validation", 100, (), {}))
   assert at_100 == ids(ip.eval_stream_batches(split_of(10), 3, c.seed, 2, 2))
-  assert ids(trainer._eval_batches(c, task, "validation", 101, (), {})) == ids(
+  assert ids(steps.eval_batches(c, task, "validation", 101, (), {})) == ids(
       ip.eval_stream_batches(split_of(10), 3, c.seed, 3, 2))    # the final, off-cadence one
-  assert len(ids(trainer._eval_batches(c, task, "test", 100, (), {}))) == 3   # 9 of 10
+  assert len(ids(steps.eval_batches(c, task, "test", 100, (), {}))) == 3   # 9 of 10
   c.eval_stream = c.test_drop_last = False
-  assert ids(trainer._eval_batches(c, task, "validation", 100, (), {})) == [[0, 1, 2],
+  assert ids(steps.eval_batches(c, task, "validation", 100, (), {})) == [[0, 1, 2],
                                                                               [3, 4, 5]]
-  assert len(ids(trainer._eval_batches(c, task, "test", 100, (), {}))) == 4
+  assert len(ids(steps.eval_batches(c, task, "test", 100, (), {}))) == 4
 
 
 def test_eval_stream_and_buckets_do_not_mix():
   c = listops_config.get_config("softmax,small")
   c.length_buckets = 4
   with pytest.raises(trainer.ConfigError, match="eval_stream"):
-    trainer.validate_config(c)
+    config_checks.validate_config(c)
 
 
 def test_value_clipping_clips_each_entry_before_adamw():
@@ -86,9 +86,9 @@ def test_value_clipping_clips_each_entry_before_adamw():
     _, state = tx.update(first, state, params)
     return tx.update(small, state, params)[0]["w"]
 
-  clipped = two_updates(trainer.make_optimizer(c), big)
+  clipped = two_updates(optim.make_optimizer(c), big)
   c.grad_clip_value = 0.0
-  plain = trainer.make_optimizer(c)
+  plain = optim.make_optimizer(c)
   np.testing.assert_allclose(clipped, two_updates(plain, {"w": jnp.array([1.0, -0.5, -1.0])}),
                              rtol=1e-6)
   assert not np.allclose(clipped, two_updates(plain, big), rtol=1e-3)

@@ -8,7 +8,7 @@ import pytest
 
 from configs import listops as listops_config
 from luna_jax import metrics as metrics_lib
-from luna_jax import trainer
+from luna_jax import optim, steps, trainer
 import lra_tasks
 
 
@@ -66,13 +66,13 @@ def test_bad_config_fails_before_compute(tmp_path, field, value, match):
 def test_schedules():
   c = tiny_config()
   c.learning_rate, c.warmup_steps, c.warmup_init_lr = 1e-3, 10, 1e-7
-  s = trainer.learning_rate_schedule(c)
+  s = optim.learning_rate_schedule(c)
   assert float(s(0)) == pytest.approx(1e-7)
   assert float(s(10)) == pytest.approx(1e-3)
   assert float(s(40)) == pytest.approx(1e-3 * 0.5)
   c.schedule = "rsqrt_lra"
   c.learning_rate = 0.05
-  s = trainer.learning_rate_schedule(c)
+  s = optim.learning_rate_schedule(c)
   assert float(s(10)) == pytest.approx(0.05 / 10**0.5)
   assert float(s(5)) == pytest.approx(0.5 * 0.05 / 10**0.5)
 
@@ -93,12 +93,12 @@ def test_evaluation_uses_the_random_features_the_parameters_were_trained_with():
   key, redraw = jax.random.key(5), 10
   batch = {"inputs": tokens, "targets": jnp.zeros(2, jnp.int32), "weights": jnp.ones(2),
            "class_counts": jnp.ones((2, 3))}
-  ev = functools.partial(trainer.eval_step, apply_fn=model.apply, redraw_every=redraw)
+  ev = functools.partial(steps.eval_step, apply_fn=model.apply, redraw_every=redraw)
 
   def loss_with_draw(train_step_index):
-    rngs = {"features": trainer.step_rngs(key, jnp.asarray(train_step_index), redraw)["features"]}
+    rngs = {"features": steps.step_rngs(key, jnp.asarray(train_step_index), redraw)["features"]}
     logits = model.apply({"params": params}, tokens, rngs=rngs)
-    return float(trainer.cross_entropy(logits, batch["targets"]).sum())
+    return float(steps.cross_entropy(logits, batch["targets"]).sum())
 
   got = float(ev(params, batch, key, jnp.asarray(10))["loss"])     # after updates 0..9
   assert got == pytest.approx(loss_with_draw(9), rel=1e-6)
@@ -111,8 +111,8 @@ def test_repeated_and_resumed_runs_reuse_the_compiled_programs(tmp_path):
   c = tiny_config(steps=4)
   c.checkpoint_every = 2
   trainer.train_and_evaluate(c, str(tmp_path / "a"))
-  programs = trainer.programs_of(c, trainer.model_config(c, lra_tasks.load_task(c)),
-                                 trainer.data_mesh())
+  programs = steps.programs_of(c, steps.model_config(c, lra_tasks.load_task(c)),
+                                 steps.data_mesh())
   assert programs.train._cache_size() == 1      # pylint: disable=protected-access
   trainer.train_and_evaluate(c, str(tmp_path / "b"))
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")      # resume "b" from step 2
@@ -120,6 +120,32 @@ def test_repeated_and_resumed_runs_reuse_the_compiled_programs(tmp_path):
   recs = metrics_lib.read_metrics(str(tmp_path / "b"))
   assert [r["step"] for r in recs if "train_loss" in r] == [1, 2, 3, 4]
   assert programs.train._cache_size() == 1      # pylint: disable=protected-access
-  assert programs is trainer.programs_of(c, trainer.model_config(c, lra_tasks.load_task(c)),
-                                         trainer.data_mesh())
+  assert programs is steps.programs_of(c, steps.model_config(c, lra_tasks.load_task(c)),
+                                         steps.data_mesh())
 
+
+
+def test_one_steps_per_s_figure_in_console_metrics_and_results(tmp_path, capsys):
+  """steps/s is one figure: the console's, metrics.jsonl's and results.json's agree (one log
+  record: the same number; several: results.json is their timed steps over their time)."""
+  c = tiny_config(steps=5)
+  c.log_every = 5
+  results = trainer.train_and_evaluate(c, str(tmp_path / "one"))
+  out = capsys.readouterr().out
+  (rec,) = [r for r in metrics_lib.read_metrics(str(tmp_path / "one")) if "train_loss" in r]
+  assert rec["timed_steps"] == 4                    # the first step (compilation) is not timed
+  assert results["steps_per_s"] == pytest.approx(rec["steps_per_s"])
+  with open(tmp_path / "one" / "results.json") as f:
+    assert json.load(f)["steps_per_s"] == pytest.approx(rec["steps_per_s"])
+  shown = [line for line in out.splitlines() if "steps/s" in line]
+  assert shown and all(f"{rec['steps_per_s']:.2f} steps/s" in line for line in shown)
+
+  c.log_every = 2
+  results = trainer.train_and_evaluate(c, str(tmp_path / "three"))
+  recs = [r for r in metrics_lib.read_metrics(str(tmp_path / "three")) if "train_loss" in r]
+  assert [r["timed_steps"] for r in recs] == [1, 2, 1]
+  seconds = sum(r["timed_steps"] / r["steps_per_s"] for r in recs)
+  assert results["steps_per_s"] == pytest.approx(4 / seconds)
+  out = capsys.readouterr().out
+  for r in recs:
+    assert f"step {r['step']}/5 " in out and f"{r['steps_per_s']:.2f} steps/s" in out

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from luna_jax import metrics as metrics_lib
-from luna_jax import runtime, trainer
+from luna_jax import runtime, steps, trainer
 from tests import conftest
 from tests.conftest import REPO
 from tests.luna_jax.test_trainer import tiny_config
@@ -156,7 +156,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   good = _final_params(str(tmp_path), 4)
   c.num_train_steps = 8
   c.allow_resume_changes = True                                # a longer schedule
-  monkeypatch.setattr(trainer, "cross_entropy", lambda logits, t: jnp.full(t.shape, jnp.nan))
+  monkeypatch.setattr(steps, "cross_entropy", lambda logits, t: jnp.full(t.shape, jnp.nan))
   with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step 5"):
     trainer.train_and_evaluate(c, str(tmp_path))
   saved = [int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit()]

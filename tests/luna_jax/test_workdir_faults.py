@@ -22,7 +22,7 @@ import lra_tasks
 from lra_tasks import listops, pathfinder, retrieval
 from lra_tasks.common import DataError
 from luna_jax import metrics as metrics_lib
-from luna_jax import models, trainer
+from luna_jax import models, steps, trainer
 from luna_jax import workdir as wd
 from tests.conftest import REPO
 from tests.lra_tasks.test_pathfinder import make_config as pathfinder_config
@@ -58,7 +58,7 @@ def accuracy(config, params, split: str) -> float:
   task = lra_tasks.load_task(config)
   ds = task.splits[split]
   rows = [ds[i] for i in range(len(ds))]
-  logits = models.Classifier(trainer.model_config(config, task)).apply(
+  logits = models.Classifier(steps.model_config(config, task)).apply(
       {"params": params}, np.stack([r["inputs"] for r in rows]), deterministic=True)
   return float(np.mean(np.argmax(logits, -1) == np.stack([r["targets"] for r in rows])))
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from luna_jax.analysis import attention_maps as ia
-from luna_jax import models, trainer
+from luna_jax import models, steps, trainer
 from luna_jax.analysis import plotting
 from luna_jax.attention import get_attention
 
@@ -104,8 +104,8 @@ def test_training_config_and_task_accepted():
   c.seq_len = N
   task = TaskData(name="listops", splits={}, vocab_size=20, num_classes=10, seq_len=N)
   tokens = _tokens()
-  from luna_jax import trainer                    # pylint: disable=g-import-not-at-top
-  params = _params(trainer.model_config(c, task), tokens)
+  from luna_jax import steps  # pylint: disable=g-import-not-at-top
+  params = _params(steps.model_config(c, task), tokens)
   layers = ia.attention_maps(c, params, tokens, task=task)
   assert len(layers) == 1 and layers[0].pack_BxHxLxN.shape == (3, 2, 4, N)
   with pytest.raises(ValueError, match="needs task="):
@@ -332,7 +332,7 @@ def test_load_params_best_and_latest(tmp_path):
   jax.Array leaves saved from 8 devices (the trainer itself now saves host copies)."""
   tokens = _tokens()
   params = _params(LUNA, tokens)
-  repl = jax.sharding.NamedSharding(trainer.data_mesh(), jax.sharding.PartitionSpec())
+  repl = jax.sharding.NamedSharding(steps.data_mesh(), jax.sharding.PartitionSpec())
   params = jax.device_put(params, repl)
   best_params = jax.tree.map(lambda a: a + 1.0, params)
   (tmp_path / "config.json").write_text(json.dumps({"task": "listops", "model": {"x": 1}}))

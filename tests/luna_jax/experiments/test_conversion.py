@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from luna_jax import trainer, workdir as wd
+from luna_jax import optim, trainer, workdir as wd
 from luna_jax.experiments import conversion
 from tests.luna_jax.test_trainer import tiny_config
 
@@ -132,7 +132,7 @@ def test_short_fine_tunes_keep_the_source_peak_learning_rate(schedule):
   assert target.warmup_steps == 5
 
   def peak(c):
-    return max(float(trainer.learning_rate_schedule(c)(s)) for s in range(c.num_train_steps))
+    return max(float(optim.learning_rate_schedule(c)(s)) for s in range(c.num_train_steps))
 
   assert peak(target) == pytest.approx(peak(src), rel=1e-3)
 

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import types
 
 import pytest
 from PIL import Image
@@ -297,3 +298,21 @@ def test_two_copies_of_one_run_are_one_run(tmp_path):
   assert len(rows) == 1 and len(rows[0].test) == 2
   md = results.markdown(runs, rows, str(tmp_path), False)
   assert "45.00 ± 7.07 (n=2)" in md and "## Copies of a run (counted once)" in md
+
+
+def test_seeds_column_gives_count_and_seeds():
+  row = types.SimpleNamespace(runs=[types.SimpleNamespace(seed=0)])
+  assert results.seeds_cell(row) == "1 (seed 0)"
+  row.runs.append(types.SimpleNamespace(seed=2))
+  assert results.seeds_cell(row) == "2 (seeds 0, 2)"
+
+
+def test_plot_titles_fit_the_figure():
+  fig = results._figure(7.5, 4.5)
+  ax = fig.subplots()
+  results._set_title(ax, "Accuracy vs step\n" + "a very long group title " * 8, 8)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  renderer = FigureCanvasAgg(fig).get_renderer()
+  fig.tight_layout()
+  box = ax.title.get_window_extent(renderer)
+  assert box.x0 >= 0 and box.x1 <= fig.bbox.width
