@@ -10,8 +10,8 @@ and serialization and caches its output under `default_cache_dir()/listops/<sett
 them (`TOKEN_SETS`: "brackets", "no_brackets", "fairseq"); the token set is recorded in the
 provenance, so runs of different token sets are never compared or resumed into each other.
 
-The generator imports this module (vocabulary, file layout); this module imports the generator
-only inside `_settings` and `load`, so there is no import cycle. Provenance (results.json):
+The vocabulary and file layout live in `lra_tasks.listops_format` (the generator imports them
+from there; this module imports the generator, never the reverse). Provenance (results.json):
 a folder holding the generator's marker `common.GENERATED_MARKER` (and the cache the loader
 generates itself) is recorded as generated, any other folder as official; both with each file's
 sha256.
@@ -20,31 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 
+from lra_tasks import listops_generator
 from lra_tasks.common import DataError, TaskData, data_provenance, truncate_len, uses_cls
-
-if TYPE_CHECKING:
-  from lra_tasks.listops_generator import GeneratorSettings
+from lra_tasks.listops_format import (CLS_ID, DIGITS, END, HEADER, NUM_CLASSES, OPERATORS,
+                                      PAD_ID, SPLIT_FILES, VOCAB, VOCAB_SIZE)
 
 log = logging.getLogger(__name__)
-
-OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
-END = "]"
-DIGITS = tuple(str(d) for d in range(10))
-# Fixed order: token ids never depend on the process (unlike a vocabulary built from a set).
-VOCAB: tuple[str, ...] = ("<pad>",) + OPERATORS + (END,) + DIGITS + ("<cls>",)
-PAD_ID = 0
-CLS_ID = VOCAB.index("<cls>")
-VOCAB_SIZE = len(VOCAB)
-NUM_CLASSES = 10
-
-SPLIT_FILES = {"train": "basic_train.tsv", "validation": "basic_val.tsv",
-               "test": "basic_test.tsv"}
-HEADER = "Source\tTarget"
 
 _TOKEN_IDS = {tok: i for i, tok in enumerate(VOCAB) if i not in (PAD_ID, CLS_ID)}
 
@@ -411,15 +397,14 @@ class _Records:
             "targets": np.asarray(self._targets[index], np.int32)}
 
 
-def _settings(config: Any) -> GeneratorSettings:
+def _settings(config: Any) -> listops_generator.GeneratorSettings:
   """The generator settings of `config.listops`; DataError naming the field if out of range."""
-  from lra_tasks.listops_generator import GeneratorSettings  # pylint: disable=g-import-not-at-top
   c = config.listops
   for name in ("num_train", "num_val", "num_test"):
     if not config.data_dir and int(c[name]) < 1:
       raise DataError(f"config.listops.{name}={c[name]} must be >= 1: every split needs rows")
   try:
-    return GeneratorSettings(
+    return listops_generator.GeneratorSettings(
         num_train=int(c.num_train), num_val=int(c.num_val), num_test=int(c.num_test),
         min_length=int(c.min_length), max_length=int(c.max_length),
         max_depth=int(c.max_depth), max_args=int(c.max_args), seed=int(c.seed))
@@ -436,7 +421,6 @@ def load(config: Any, splits: Sequence[str] = tuple(SPLIT_FILES)) -> TaskData:
   """ListOps `splits` (default: all three) from config.data_dir, or from the generator when
   data_dir is empty; a folder needs only the files of the splits asked for. Rows start with CLS
   when the model reads it out (`uses_cls`), else with the first symbol."""
-  from lra_tasks import listops_generator  # pylint: disable=g-import-not-at-top
   settings = _settings(config)
   data_dir = config.data_dir or listops_generator.cached_data_dir(settings)
   if not os.path.isdir(data_dir):

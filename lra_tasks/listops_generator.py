@@ -8,8 +8,8 @@ generated data handed in through `config.data_dir` is recorded as generated. Wit
 
   python -m lra_tasks.listops_generator --out DIR [--num_train N ...] [--workers 16]
 
-Imports: this module takes the vocabulary and the file layout from `lra_tasks.listops`; that
-module imports this one only inside its functions, so there is no import cycle.
+Imports: the vocabulary and the file layout come from `lra_tasks.listops_format`, which the
+reader `lra_tasks.listops` imports too (one direction: the reader imports this module).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from lra_tasks.common import GENERATED_MARKER, default_cache_dir, write_generated_marker
-from lra_tasks.listops import END, HEADER, OPERATORS, SPLIT_FILES, VOCAB, VOCAB_SIZE
+from lra_tasks.listops_format import END, HEADER, OPERATORS, SPLIT_FILES, VOCAB, VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,11 @@ after the fact.
 The data itself (`identity_changes`): a split file whose sha256 differs from identity.json's (an
 edited file under an unchanged data_dir), or generated data of other settings, is refused like a
 model/data field, naming the file and both hashes. A changed device count is accepted (the
-batch is global) but changes the numbers: it is recorded in config_history.jsonl and said. A field present on one side only (a
-field added to or removed from the code since the run started) is a change only when it is a
-model/data field whose value differs from the current default of `configs.common.base_config()`
-(a field without such a default always differs).
+batch is global) but changes the numbers: it is recorded in config_history.jsonl and said. A
+field present on one side only (a field added to or removed from the code since the run
+started) is a change only when it is a model/data field whose value differs from the current
+default of `luna_jax.config_defaults.base_config()` (a field without such a default always
+differs).
 
 One writer per run folder (`WorkdirLock`): a run holds WORKDIR/LOCK while it writes; a second
 writer fails naming the holder. A lock left by a dead process on this host is taken over with a
@@ -457,11 +458,8 @@ def _show(v: Any) -> str:
 
 
 def _defaults() -> dict[str, Any]:
-  try:
-    from configs import common  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
-  return flatten(config_dict(common.base_config()))
+  from luna_jax.config_defaults import base_config  # pylint: disable=g-import-not-at-top
+  return flatten(config_dict(base_config()))
 
 
 def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
