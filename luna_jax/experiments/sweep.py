@@ -36,7 +36,7 @@ import threading
 import types
 from typing import Any, Callable, Sequence
 
-from luna_jax.experiments import results as results_lib
+from luna_jax.experiments import runs as runs_lib
 from luna_jax import cli
 from luna_jax import workdir as wd
 
@@ -252,7 +252,7 @@ def _skip_reason(workdir: str, retry_diverged: bool, config=None) -> str | None:
     return "running"
   if config is not None and wd.changed_config(workdir, config):
     return "changed"
-  status = results_lib.workdir_status(workdir)[0]
+  status = runs_lib.workdir_status(workdir)[0]
   if status == "finished" or (status == "diverged" and not retry_diverged):
     return status
   return None

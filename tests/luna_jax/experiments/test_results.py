@@ -10,7 +10,7 @@ import types
 import pytest
 from PIL import Image
 
-from luna_jax.experiments import results
+from luna_jax.experiments import plots, results, runs
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
 
@@ -47,7 +47,7 @@ def fake_run(root, name, task="listops", attention="luna", seed=0, *, proj_len=2
                  "test_accuracy": test, "test_loss": 1.0, "steps_per_s": steps_per_s,
                  "protocol": protocol, "data": data}, f)
   if failed_text:
-    with open(os.path.join(wd, results.FAILED_FILE), "w") as f:
+    with open(os.path.join(wd, runs.FAILED_FILE), "w") as f:
       f.write(failed_text)
   return wd
 
@@ -162,7 +162,7 @@ def test_data_label_of_generated_listops_is_the_same_under_the_old_module_name()
   old = {"source": "generated", "generator": "lra_tasks.listops", "settings": settings}
   new = {"source": "generated", "generator": "lra_tasks.listops_generator",
          "generator_version": 1, "settings": settings, "files": {"basic_val.tsv": "0" * 64}}
-  assert results.data_label(old) == results.data_label(new) == (
+  assert runs.data_label(old) == runs.data_label(new) == (
       "generated: lra_tasks.listops_generator (num_train=96000, seed=0)")
 
 
@@ -308,9 +308,9 @@ def test_seeds_column_gives_count_and_seeds():
 
 
 def test_plot_titles_fit_the_figure():
-  fig = results._figure(7.5, 4.5)
+  fig = plots._figure(7.5, 4.5)
   ax = fig.subplots()
-  results._set_title(ax, "Accuracy vs step\n" + "a very long group title " * 8, 8)
+  plots._set_title(ax, "Accuracy vs step\n" + "a very long group title " * 8, 8)
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   renderer = FigureCanvasAgg(fig).get_renderer()
   fig.tight_layout()

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from configs.sweeps import hyper as h
-from luna_jax.experiments import results
+from luna_jax.experiments import results, runs
 from luna_jax.experiments import sweep
 from luna_jax import workdir as wd
 
@@ -150,16 +150,16 @@ def test_run_skips_finished_and_diverged_and_resumes_the_rest(tmp_path):
   root = str(tmp_path)
   _finish(points[0].workdir(root))
   os.makedirs(os.path.join(points[1].workdir(root), "checkpoints", "100"))   # killed run
-  with open(os.path.join(points[1].workdir(root), results.FAILED_FILE), "w") as f:
+  with open(os.path.join(points[1].workdir(root), runs.FAILED_FILE), "w") as f:
     f.write("exit status -9")                                               # stale marker
   os.makedirs(points[2].workdir(root))
-  with open(os.path.join(points[2].workdir(root), results.FAILED_FILE), "w") as f:
+  with open(os.path.join(points[2].workdir(root), runs.FAILED_FILE), "w") as f:
     f.write("NonFiniteLossError: training loss became NaN/Inf at step 3")
   calls = []
 
   def runner(cmd, workdir):
     calls.append((cmd, workdir))
-    assert not os.path.exists(os.path.join(workdir, results.FAILED_FILE))
+    assert not os.path.exists(os.path.join(workdir, runs.FAILED_FILE))
     return 0 if workdir == points[1].workdir(root) else 3
 
   out = io.StringIO()
@@ -187,8 +187,8 @@ def test_run_logged_writes_log_and_failed_marker(tmp_path, monkeypatch):
   wd = str(tmp_path / "w")
   assert sweep.run_logged(["python", "train.py"], wd) == 1
   assert "$ python train.py" in open(os.path.join(wd, sweep.LOG_FILE)).read()
-  assert "exit status 1" in open(os.path.join(wd, results.FAILED_FILE)).read()
-  assert results.workdir_status(wd)[0] == "diverged"
+  assert "exit status 1" in open(os.path.join(wd, runs.FAILED_FILE)).read()
+  assert runs.workdir_status(wd)[0] == "diverged"
 
 
 def test_cli_reports_failures_in_exit_status(tmp_path, monkeypatch, capsys):
@@ -208,7 +208,7 @@ def test_a_point_another_process_runs_is_skipped_and_left_alone(tmp_path, monkey
     os.makedirs(busy)
     with open(os.path.join(busy, wd.LOCK_FILE), "w") as f:
       json.dump({"host": socket.gethostname(), "pid": holder.pid}, f)
-    with open(os.path.join(busy, results.FAILED_FILE), "w") as f:
+    with open(os.path.join(busy, runs.FAILED_FILE), "w") as f:
       f.write("exit status -9")
     calls = []
 
@@ -226,14 +226,14 @@ def test_a_point_another_process_runs_is_skipped_and_left_alone(tmp_path, monkey
   assert calls == [points[1].workdir(root)]
   assert outcome == {points[0].name: "skipped-running", points[1].name: "ok",
                      points[2].name: "skipped-finished"}
-  assert os.path.exists(os.path.join(busy, results.FAILED_FILE))     # not touched
+  assert os.path.exists(os.path.join(busy, runs.FAILED_FILE))     # not touched
 
   # train.py refused the folder (taken between the check and the start): no FAILED marker.
   monkeypatch.setattr(sweep.subprocess, "run",
                       lambda cmd, **kw: subprocess.CompletedProcess(cmd, wd.BUSY_EXIT_STATUS))
   other = str(tmp_path / "other")
   assert sweep.run_logged(["python", "train.py"], other) == wd.BUSY_EXIT_STATUS
-  assert not os.path.exists(os.path.join(other, results.FAILED_FILE))
+  assert not os.path.exists(os.path.join(other, runs.FAILED_FILE))
   outcome = sweep.run_sweep(points[1:2], str(tmp_path / "r2"), lambda p: [p.name],
                             out=io.StringIO())
   assert outcome == {points[1].name: "skipped-running"}
