@@ -85,7 +85,8 @@ def use_cpu_cores(batch_size: int) -> str:
   that already sets the count wins. Call before JAX creates its CPU client (the first
   computation); a GPU or TPU host is not affected (its default devices are the accelerators).
   A resumed run may use another count: dropout masks are counter hashes, so the steps are the
-  same. Returns the choice, in words (also `cpu_devices_choice()`, recorded in results.json)."""
+  same. The devices' collectives wait a day for a late peer instead of XLA's 40 s
+  (`_collective_timeouts`). Returns the choice, in words (also `cpu_devices_choice()`, recorded in results.json)."""
   global _devices_choice
   flags = os.environ.get("XLA_FLAGS", "")
   wanted = os.environ.get(DEVICES_ENV, "")
@@ -96,12 +97,24 @@ def use_cpu_cores(batch_size: int) -> str:
   else:
     n = int(wanted) if wanted else (os.cpu_count() or 1)
     if n > 1 and batch_size % n == 0:
-      os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
+      os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n} {_collective_timeouts()}".strip()
       _devices_choice = f"{n} host devices ({DEVICES_ENV if wanted else 'one per core'})"
     else:
       _devices_choice = (f"one device ({DEVICES_ENV}=1)" if n == 1 else
                          f"one device: batch {batch_size} does not divide by {n}")
   return _devices_choice
+
+
+def _collective_timeouts() -> str:
+  """XLA flags that let a host device wait for its peers: XLA:CPU ends the process when a
+  device's thread reaches an all-reduce 40 s after another (seen on an overloaded 2-core host at
+  step 3,200 of a quick run, "Termination timeout for all reduce ... exceeded"); a day instead.
+  Only for jaxlib 0.10, where these flags were checked to exist (an unknown flag aborts XLA)."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  if not metadata.version("jaxlib").startswith("0.10."):
+    return ""
+  return ("--xla_cpu_collective_call_terminate_timeout_seconds=86400 "
+          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
 
 
 def cpu_devices_choice() -> str:

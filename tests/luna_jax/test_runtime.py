@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
@@ -77,3 +78,33 @@ def test_cpu_dispatch_rejects_an_unknown_mode(monkeypatch):
   monkeypatch.setenv(runtime.DISPATCH_ENV, "later")
   with pytest.raises(ValueError, match="LUNA_JAX_CPU_DISPATCH='later'"):
     runtime.set_cpu_dispatch()
+
+
+@pytest.mark.parametrize("wanted, batch, expected_count, choice", [
+    ("4", 32, 4, "4 host devices (LUNA_JAX_CPU_DEVICES)"),
+    ("3", 32, None, "one device: batch 32 does not divide by 3"),
+    ("1", 32, None, "one device (LUNA_JAX_CPU_DEVICES=1)"),
+])
+def test_use_cpu_cores_sets_the_device_count_and_patient_collectives(monkeypatch, wanted, batch,
+                                                                      expected_count, choice):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  monkeypatch.setenv(runtime.DEVICES_ENV, wanted)
+  assert runtime.use_cpu_cores(batch) == choice == runtime.cpu_devices_choice()
+  flags = os.environ["XLA_FLAGS"]
+  if expected_count is None:
+    assert flags == "--xla_backend_optimization_level=0"
+  else:
+    assert f"--xla_force_host_platform_device_count={expected_count}" in flags
+    if metadata.version("jaxlib").startswith("0.10."):
+      assert "--xla_cpu_collective_call_terminate_timeout_seconds=86400" in flags
+
+
+def test_use_cpu_cores_keeps_a_count_set_in_xla_flags_and_refuses_a_bad_value(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.setenv(runtime.DEVICES_ENV, "2")
+  assert runtime.use_cpu_cores(32) == "set by XLA_FLAGS"
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv(runtime.DEVICES_ENV, "0")
+  with pytest.raises(ValueError, match="LUNA_JAX_CPU_DEVICES='0'"):
+    runtime.use_cpu_cores(32)
