@@ -218,8 +218,9 @@ def test_isolated_point_runs_from_another_directory(tmp_path, monkeypatch):
 
 
 def _timed(label, n, t, m=1000, status="ok"):
-  return {**dict.fromkeys(bench.RESULT_FIELDS + ("device_peak_bytes_in_use",)), "label": label, "length": n, "step_time_s": t,
-          "peak_memory_bytes": m, "status": status}
+  fields = dict.fromkeys(bench.RESULT_FIELDS + ("device_peak_bytes_in_use",))
+  return {**fields, "label": label, "length": n, "step_time_s": t, "peak_memory_bytes": m,
+          "status": status}
 
 
 def test_fit_heading_names_the_lengths_really_fitted():
