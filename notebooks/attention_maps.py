@@ -27,23 +27,57 @@
 # The notebook trains three small models with `trainer.train_and_evaluate`: Luna and softmax
 # on generated ListOps, and Luna on generated Pathfinder. A workdir that already holds
 # `results.json` is loaded instead of retrained. The maps come from
-# `luna_jax.analysis.attention_maps`, the figures from `luna_jax.analysis.plotting`, and every figure is
-# saved as a PNG under `OUT_DIR`. Padded positions are drawn in grey.
+# `luna_jax.analysis.attention_maps`, the figures from `luna_jax.analysis.plotting`, and every
+# figure is saved as a PNG under `OUT_DIR`. Padded positions are drawn in grey.
+#
+# **Running it.** The committed `.ipynb` holds the outputs of one run, so the figures show
+# without running anything. To run it, from the repository root with the virtualenv of
+# `requirements-test.txt` (Jupyter itself is in neither requirements file):
+#
+# ```bash
+# pip install jupyterlab && jupyter lab notebooks/attention_maps.ipynb
+# # or headless, writing the outputs into the file (nbclient's `jupyter execute`, no install):
+# jupyter execute --inplace notebooks/attention_maps.ipynb
+# ```
+#
+# It runs with the repository root or `notebooks/` as its working directory (Jupyter starts
+# kernels in the notebook's folder); the first code cell moves to the repository root, and
+# `WORKDIR` and `OUT_DIR` are relative to it. On 2 busy CPU cores the run saved here took 4
+# minutes (training; generating the Pathfinder images the first time adds about a minute), and
+# seconds once the runs exist.
 #
 # Source: `notebooks/attention_maps.py` (jupytext, paired with the `.ipynb`; edit the `.py`
 # and run `jupytext --sync notebooks/attention_maps.py`).
 
 # %% tags=["parameters"]
 STEPS = 200              # training steps of the two ListOps models
-PATHFINDER_STEPS = 100   # training steps of the Pathfinder model
+PATHFINDER_STEPS = 2000  # training steps of the Pathfinder model
 TINY = False             # tiny data and models (used by the tests; maps are then untrained)
-WORKDIR = "../runs/attention_maps"   # one sub-folder per model; a finished one is loaded
-OUT_DIR = "figures"      # PNG output folder (git-ignored)
+WORKDIR = "runs/attention_maps"   # one sub-folder per model; a finished one is loaded
+OUT_DIR = "notebooks/figures"     # PNG output folder (git-ignored)
 EXAMPLE = 0              # which validation example to plot
 MAX_CELLS = 128          # heatmaps are block-averaged to at most this many cells per side
 
 # %%
+import json
 import os
+import pathlib
+import sys
+
+
+def repository_root() -> pathlib.Path:
+  """The working directory or the first folder above it that holds luna_jax/ and notebooks/."""
+  cwd = pathlib.Path.cwd().resolve()
+  for folder in (cwd, *cwd.parents):
+    if (folder / "luna_jax").is_dir() and (folder / "notebooks").is_dir():
+      return folder
+  raise RuntimeError(f"run from the luna-jax repository or its notebooks/ folder, not {cwd}")
+
+
+ROOT = repository_root()
+os.chdir(ROOT)                  # WORKDIR and OUT_DIR are relative to it
+if str(ROOT) not in sys.path:   # the imports below work without `pip install -e .` too
+  sys.path.insert(0, str(ROOT))
 
 import numpy as np
 from IPython.display import Image, display
@@ -54,26 +88,24 @@ from configs import pathfinder as pathfinder_config
 from luna_jax import steps, trainer, workdir as wd
 from luna_jax.analysis import attention_maps, plotting
 
-os.makedirs(OUT_DIR, exist_ok=True)
-
 
 def show(fig, name):
   """Saves `fig` as OUT_DIR/name.png and displays the PNG."""
-  path = plotting.save_figure(fig, os.path.join(OUT_DIR, f"{name}.png"))
-  display(Image(filename=path))
-  return path
+  display(Image(filename=plotting.save_figure(fig, os.path.join(OUT_DIR, f"{name}.png"))))
 
 
 # %% [markdown]
 # ## Configs
 #
 # The `quick` variants of the task configs, with the step counts above and only a final
-# evaluation. The Pathfinder config generates 20,000 16x16 images of the easy quick setting
-# once into the data cache; here its model reads one token per pixel (the quick config's 4x4
-# patches would give maps over 16 patches, not pixels). At this budget the Pathfinder model is
-# still mostly untrained; raise `PATHFINDER_STEPS` for sharper maps. With
-# `TINY` the data and models shrink so that the notebook runs in a minute or two (the tests use
-# this); the maps are then those of barely trained models.
+# evaluation. The Pathfinder config is `configs/pathfinder.py:quick` as it is: 20,000 generated
+# 16x16 images of our easy setting (generated once into the data cache, about a minute), each
+# seen as 16 tokens, its 4x4-pixel patches, by a 2-layer Luna with l = 16. Its schedule does
+# not depend on the step count, so 2,000 steps are the first half of the 4,000-step run in
+# `results/pathfinder_quick/` (validation accuracy 0.71 at step 2,000 there, 0.78 at 4,000;
+# chance is 0.5; test accuracy 0.715 at step 2,000 in the run saved here). With `TINY` the data
+# and models shrink so that the notebook runs in a minute or two (the tests use this); the maps
+# are then those of barely trained models.
 
 # %%
 def finish(c, steps):
@@ -99,9 +131,7 @@ def finish(c, steps):
 configs = {
     "listops_luna": finish(listops_config.get_config("luna,quick"), STEPS),
     "listops_softmax": finish(listops_config.get_config("softmax,quick"), STEPS),
-    "pathfinder_luna": finish(pathfinder_config.get_config("luna,quick,model.embedding=tokens,"
-                                                           "model.patch_size=0"),
-                              PATHFINDER_STEPS),
+    "pathfinder_luna": finish(pathfinder_config.get_config("luna,quick"), PATHFINDER_STEPS),
 }
 
 # %% [markdown]
@@ -117,7 +147,10 @@ for name, config in configs.items():
   task = lra_tasks.load_task(saved_config)
   trained[name] = dict(config=saved_config, params=params, task=task,
                       model_cfg=steps.model_config(saved_config, task))
-  print(f"{name}: step {step} ({workdir})")
+  with open(wd.path(workdir, wd.RESULTS_FILE)) as f:
+    results = json.load(f)
+  print(f"{name}: step {step}, test accuracy {results['test_accuracy']:.3f} "
+        f"(majority class {results['test_majority_accuracy']:.3f})")
 
 # %% [markdown]
 # ## ListOps: pack and unpack maps of Luna
@@ -170,11 +203,7 @@ for layer in luna_layers:
   panels.append(layer.effective_BxNxN[b, :n, :n])
   titles.append(f"Luna effective, layer {layer.layer}")
 s = trained["listops_softmax"]
-try:
-  softmax_layers = attention_maps.attention_maps(s["model_cfg"], s["params"], batch(s["task"]))
-except attention_maps.MapNotSownError as e:   # softmax.py not wired yet
-  softmax_layers = []
-  print(f"softmax map unavailable: {e}")
+softmax_layers = attention_maps.attention_maps(s["model_cfg"], s["params"], batch(s["task"]))
 for layer in softmax_layers:
   panels.append(layer.token_map_BxNxN[b, :n, :n])
   titles.append(f"softmax (head mean), layer {layer.layer}")
@@ -187,34 +216,46 @@ show(plotting.heatmaps(np.stack(panels), row_mask=mask, col_mask=mask, titles=ti
 # %% [markdown]
 # ## Pathfinder: what each P slot gathers
 #
-# Pathfinder inputs here are 16 x 16 images, one token per pixel, with no padding. A row of the
-# pack map is a distribution over pixels, so it can be drawn on the image grid: each panel
-# shows where one P slot reads (mean over heads). The last figure shows the effective map
-# row of one query pixel (the brightest pixel, marked +), i.e. where that pixel gathers from
-# via P.
+# The Pathfinder inputs are 16 x 16 images with no padding; the model's tokens are their 16
+# patches of 4 x 4 pixels, in row-major order. A row of the pack map is a distribution over the
+# patches, so it can be drawn on the image: each patch is filled with the weight one P slot
+# gives it (mean over heads). The last figure shows the effective map row of one query patch
+# (the one with the most ink, marked +), i.e. where that patch gathers from via P.
 
 # %%
 p = trained["pathfinder_luna"]
 images = batch(p["task"])
 res = p["config"].pathfinder.resolution
-offset = images.shape[-1] - res * res          # 1 when a CLS token is prepended
+patch = p["model_cfg"].patch_size or 1          # pixels per token side (1: a token per pixel)
+grid = res // patch                             # tokens per image side
 pf_layers = attention_maps.attention_maps(p["model_cfg"], p["params"], images)
-image = images[b, offset:].reshape(res, res)
-pack_slots = pf_layers[0].pack_BxHxLxN[b].mean(axis=0)       # [l, N]
+image = images[b, images.shape[-1] - res * res:].reshape(res, res)
+offset = pf_layers[0].pack_BxHxLxN.shape[-1] - grid * grid   # 1 when a CLS token is prepended
+
+
+def on_pixels(rows_KxT):
+  """[K, tokens] maps -> [K, res * res]: each token's value over the pixels of its patch."""
+  rows = np.asarray(rows_KxT)[:, offset:].reshape(-1, grid, grid)
+  return np.kron(rows, np.ones((patch, patch))).reshape(len(rows), res * res)
+
+
+pack_slots = pf_layers[0].pack_BxHxLxN[b].mean(axis=0)       # [l, tokens]
 k = min(len(pack_slots), 11)
-show(plotting.image_grid(pack_slots[:k], res, offset=offset, image=image,
+show(plotting.image_grid(on_pixels(pack_slots[:k]), res, image=image,
                          titles=[f"P slot {j}" for j in range(k)],
                          suptitle="Pathfinder: Luna pack map rows on the image (layer 0)"),
      "pathfinder_luna_pack_slots")
 
 # %%
-query = int(np.argmax(images[b, offset:])) + offset
-qr, qc = divmod(query - offset, res)
+ink = image.reshape(grid, patch, grid, patch).sum(axis=(1, 3))   # per patch
+qr, qc = np.unravel_index(int(np.argmax(ink)), ink.shape)
+query = offset + qr * grid + qc
+centre = (qr * patch + (patch - 1) / 2, qc * patch + (patch - 1) / 2)   # in pixels
 rows = [layer.effective_BxNxN[b, query] for layer in pf_layers]
-show(plotting.image_grid(np.stack(rows), res, offset=offset, image=image,
+show(plotting.image_grid(on_pixels(np.stack(rows)), res, image=image,
                          titles=[f"effective, layer {layer.layer}" for layer in pf_layers],
-                         marks=[(qr, qc)] * len(rows),
-                         suptitle=f"Pathfinder: where pixel ({qr}, {qc}) attends via P"),
+                         marks=[centre] * len(rows),
+                         suptitle=f"Pathfinder: where patch ({qr}, {qc}) attends via P"),
      "pathfinder_luna_query_pixel")
 
 # %%

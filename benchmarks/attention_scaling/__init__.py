@@ -27,12 +27,14 @@ Usage, from the repository root:
 from benchmarks.attention_scaling.cli import build_parser, main, resolve_defaults
 from benchmarks.attention_scaling.measure import (RESULT_FIELDS, child_argv, cost_flops,
                                                   is_oom_error, run_point, run_sweep)
-from benchmarks.attention_scaling.report import (fit_loglog_slope, merge_reports, relative_to,
-                                                 slopes, to_markdown)
+from benchmarks.attention_scaling.report import (fit_counts, fit_heading, fit_loglog_slope,
+                                                 merge_reports, relative_to, slopes,
+                                                 to_markdown, torch_peak_words)
 from benchmarks.attention_scaling.specs import MechanismSpec, parse_ints, parse_mechanisms
 from benchmarks.attention_scaling.steps import Step, build_layer_step, build_model_step
 
 __all__ = ["RESULT_FIELDS", "MechanismSpec", "Step", "build_layer_step", "build_model_step",
-           "build_parser", "child_argv", "cost_flops", "fit_loglog_slope", "is_oom_error",
-           "main", "merge_reports", "parse_ints", "parse_mechanisms", "relative_to",
-           "resolve_defaults", "run_point", "run_sweep", "slopes", "to_markdown"]
+           "build_parser", "child_argv", "cost_flops", "fit_counts", "fit_heading",
+           "fit_loglog_slope", "is_oom_error", "main", "merge_reports", "parse_ints",
+           "parse_mechanisms", "relative_to", "resolve_defaults", "run_point", "run_sweep",
+           "slopes", "to_markdown", "torch_peak_words"]

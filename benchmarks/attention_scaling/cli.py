@@ -13,7 +13,8 @@ import jax
 
 from benchmarks.attention_scaling import machine
 from benchmarks.attention_scaling.measure import run_point, run_sweep
-from benchmarks.attention_scaling.report import merge_reports, row_line, write_json, write_outputs
+from benchmarks.attention_scaling.report import (merge_reports, row_line, torch_peak_words,
+                                                 write_json, write_outputs)
 from benchmarks.attention_scaling.specs import (DEFAULT_LENGTHS, DEFAULT_MECHANISMS,
                                                 MODE_DEFAULTS, parse_ints, parse_mechanisms)
 from luna_jax import runtime
@@ -120,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch_flops = (report["torch_matmul"] or {}).get("flops_per_s", 0.0)
     # The machine's peak: the better of XLA's and torch's matmul at the same size.
     report["matmul_peak_flops"] = max(report["xla_matmul_flops"], torch_flops)
-    print(f"matmul ({size}^3 {args.dtype}): XLA {report['xla_matmul_flops'] / 1e9:.1f}, torch "
-          f"{torch_flops / 1e9:.1f} GFLOP/s; peak = the better", flush=True)
+    print(f"matmul ({size}^3 {args.dtype}): XLA {report['xla_matmul_flops'] / 1e9:.1f} GFLOP/s, "
+          f"torch {torch_peak_words(report, 1e-9, 'GFLOP/s')}; peak = "
+          f"{'the better' if torch_flops else 'XLA'}", flush=True)
 
   def on_row(row: dict[str, Any]) -> None:
     report["results"].append(row)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -11,17 +12,23 @@ from typing import Any, Sequence
 import numpy as np
 
 
+def fit_pairs(xs: Sequence[float], ys: Sequence[float], tail: int = 0
+              ) -> list[tuple[float, float]]:
+  """The (x, y) pairs a log-log fit uses: positive and finite, sorted by x, only the `tail`
+  largest x when `tail` >= 2 (fewer when fewer ran)."""
+  pairs = sorted((float(x), float(y)) for x, y in zip(xs, ys)
+                 if x is not None and y is not None and x > 0 and y > 0
+                 and math.isfinite(x) and math.isfinite(y))
+  return pairs[-tail:] if tail >= 2 else pairs
+
+
 def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float], tail: int = 0) -> float:
   """Least-squares slope of log(y) against log(x), i.e. k in y ~ c * x**k.
 
   Uses only the `tail` largest x when `tail` >= 2 (the asymptotic regime); ignores non-positive
   or non-finite pairs; returns nan when fewer than two distinct x remain.
   """
-  pairs = sorted((float(x), float(y)) for x, y in zip(xs, ys)
-                 if x is not None and y is not None and x > 0 and y > 0
-                 and math.isfinite(x) and math.isfinite(y))
-  if tail >= 2:
-    pairs = pairs[-tail:]
+  pairs = fit_pairs(xs, ys, tail)
   if len({x for x, _ in pairs}) < 2:
     return float("nan")
   lx = np.log([x for x, _ in pairs])
@@ -30,11 +37,26 @@ def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float], tail: int = 0) ->
   return float(slope)
 
 
+def torch_peak_words(report: dict[str, Any], scale: float, unit: str) -> str:
+  """torch's matmul rate as `scale`-scaled `unit`, or why there is none (never a 0.0)."""
+  flops = (report.get("torch_matmul") or {}).get("flops_per_s")
+  if flops:
+    return f"{flops * scale:.3g} {unit}" if unit.startswith("T") else f"{flops * scale:.1f} {unit}"
+  if report.get("backend", "cpu") != "cpu":
+    return "not measured: CPU only"
+  if report.get("dtype", "float32") != "float32":
+    return "not measured: float32 only"
+  if importlib.util.find_spec("torch") is None:
+    return "not installed"
+  return "not measured: the torch probe failed"
+
+
 def _fmt(value: float | None, fmt: str, scale: float = 1.0) -> str:
   """`value * scale` in `fmt`, or "-" for None and non-finite values."""
   if value is None or not math.isfinite(value):
     return "-"
-  return format(value * scale, fmt)
+  text = format(value * scale, fmt)
+  return text[1:] if text.startswith("-") and float(text) == 0 else text   # no "-0.00"
 
 
 def _loads(host: dict[str, Any]) -> str:
@@ -50,13 +72,37 @@ def _labels(results: list[dict[str, Any]]) -> list[str]:
   return list(dict.fromkeys(r["label"] for r in results))
 
 
+def _ok_points(results: list[dict[str, Any]], label: str, key: str) -> tuple[list, list]:
+  pts = [(r["length"], r[key]) for r in results if r["label"] == label and r["status"] == "ok"]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def slopes(results: list[dict[str, Any]], key: str, tail: int) -> dict[str, float]:
   """Per-label log-log slope of `key` against length over the "ok" points."""
-  out = {}
-  for label in _labels(results):
-    pts = [(r["length"], r[key]) for r in results if r["label"] == label and r["status"] == "ok"]
-    out[label] = fit_loglog_slope([p[0] for p in pts], [p[1] for p in pts], tail)
-  return out
+  return {label: fit_loglog_slope(*_ok_points(results, label, key), tail)
+          for label in _labels(results)}
+
+
+def fit_counts(results: list[dict[str, Any]], key: str, tail: int) -> dict[str, int]:
+  """Per label, how many ok lengths the fit of `key` used (at most `tail` when `tail` >= 2)."""
+  return {label: len(fit_pairs(*_ok_points(results, label, key), tail))
+          for label in _labels(results)}
+
+
+def fit_heading(counts: dict[str, int], tail: int) -> str:
+  """The exponents' heading, naming the number of lengths the fits really used."""
+  used = sorted({n for n in counts.values() if n >= 2})   # fewer than two: no exponent
+  if not used:
+    return "no mechanism has two ok lengths to fit"
+  if len(used) == 1:
+    n = used[0]
+    if tail >= 2 and n == tail:
+      return f"fit over the last {n} ok lengths"
+    return f"fit over the {n} ok lengths" + (
+        f" (fewer than the {tail} asked for)" if tail >= 2 else "")
+  most = f"at most the last {tail}" if tail >= 2 else "all"
+  return (f"fit over each mechanism's ok lengths, {most}: {used[0]}-{used[-1]} per mechanism, "
+          "see the lengths column")
 
 
 def relative_to(results: list[dict[str, Any]], baseline: str
@@ -107,7 +153,7 @@ def to_markdown(report: dict[str, Any], baseline: str | None, tail: int) -> str:
       f"- command: `{report['command']}`",
       f"- machine matmul peak: {_fmt(peak, '.3g', 1e-12)} TFLOP/s, the better of XLA's "
       f"({_fmt(report.get('xla_matmul_flops'), '.3g', 1e-12)}) and torch's "
-      f"({_fmt((report.get('torch_matmul') or {}).get('flops_per_s'), '.3g', 1e-12)}) "
+      f"({torch_peak_words(report, 1e-12, 'TFLOP/s')}) "
       f"{report['matmul_peak']['size'] if report['matmul_peak'] else '-'}^3 {report['dtype']} "
       "matmul; '% of peak' divides by it, '% of XLA mm' by XLA's own",
       "- memory = compiled estimate (temp + arguments + outputs - aliased); device peak = "
@@ -147,10 +193,15 @@ def to_markdown(report: dict[str, Any], baseline: str | None, tail: int) -> str:
 
   t_slopes = slopes(results, "step_time_s", tail)
   m_slopes = slopes(results, "peak_memory_bytes", tail)
-  lines += ["", f"## Log-log exponents (fit over the last {tail or 'all'} ok lengths)", "",
-            "| mechanism | step time ~ N^k | memory ~ N^k |", "|---|---|---|"]
+  t_counts = fit_counts(results, "step_time_s", tail)
+  m_counts = fit_counts(results, "peak_memory_bytes", tail)
+  lines += ["", f"## Log-log exponents ({fit_heading(t_counts, tail)})", "",
+            "| mechanism | step time ~ N^k | memory ~ N^k | lengths fitted |", "|---|---|---|---|"]
   for label in _labels(results):
-    lines.append(f"| {label} | {_fmt(t_slopes[label], '.2f')} | {_fmt(m_slopes[label], '.2f')} |")
+    n_t, n_m = t_counts[label], m_counts[label]
+    counts = str(n_t) if n_t == n_m else f"{n_t} (memory {n_m})"
+    lines.append(f"| {label} | {_fmt(t_slopes[label], '.2f')} | {_fmt(m_slopes[label], '.2f')} "
+                 f"| {counts} |")
   return "\n".join(lines) + "\n"
 
 

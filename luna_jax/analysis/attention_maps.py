@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from typing import Any, Mapping
 
@@ -107,6 +108,9 @@ def padding_masks(model_cfg: models.ModelConfig, inputs: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray | None]:
   """(mask_BxN, p_mask_BxL) exactly as `models.Encoder` builds them; inputs [B, N] or [B, 2, N]."""
   tokens_BxN = np.asarray(inputs).reshape(-1, np.shape(inputs)[-1])
+  if model_cfg.embedding == "patches":   # one token per patch, none padded (models.Encoder)
+    side, p = math.isqrt(tokens_BxN.shape[-1]), model_cfg.patch_size
+    return np.ones((tokens_BxN.shape[0], (side // p) ** 2), bool), None
   if model_cfg.pad_id is None:
     return np.ones(tokens_BxN.shape, bool), None
   mask_BxN = tokens_BxN != model_cfg.pad_id

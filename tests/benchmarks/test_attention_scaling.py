@@ -215,3 +215,47 @@ def test_isolated_point_runs_from_another_directory(tmp_path, monkeypatch):
   report = bench.main(POINT + ["--mode", "layer", "--mechanisms", "softmax", "--isolate"])
   (row,) = report["results"]
   assert row["status"] == "ok", row["message"]
+
+
+def _timed(label, n, t, m=1000, status="ok"):
+  fields = dict.fromkeys(bench.RESULT_FIELDS + ("device_peak_bytes_in_use",))
+  return {**fields, "label": label, "length": n, "step_time_s": t, "peak_memory_bytes": m,
+          "status": status}
+
+
+def test_fit_heading_names_the_lengths_really_fitted():
+  two = [_timed("luna:16", 1024, 1.0), _timed("luna:16", 2048, 2.0)]
+  counts = bench.fit_counts(two, "step_time_s", 3)
+  assert counts == {"luna:16": 2}
+  assert bench.fit_heading(counts, 3) == "fit over the 2 ok lengths (fewer than the 3 asked for)"
+  three = two + [_timed("luna:16", 4096, 4.0), _timed("luna:16", 512, 0.5)]
+  assert bench.fit_heading(bench.fit_counts(three, "step_time_s", 3), 3) == (
+      "fit over the last 3 ok lengths")
+  mixed = three + [_timed("softmax", 1024, 1.0, None), _timed("softmax", 2048, 4.0),
+                   _timed("softmax", 4096, None, None, "oom"), _timed("bogus", 1024, None, None,
+                                                                       "error")]
+  counts = bench.fit_counts(mixed, "step_time_s", 3)
+  assert counts == {"luna:16": 3, "softmax": 2, "bogus": 0}
+  heading = bench.fit_heading(counts, 3)
+  assert "at most the last 3" in heading and "2-3 per mechanism" in heading
+  report = {"device": "cpu", "backend": "cpu", "versions": {}, "date": "d", "command": "c",
+            "host": {"load_average": [0.0, 0.0, 0.0]}, "matmul_peak_flops": None,
+            "matmul_peak": None, "dtype": "float32", "torch_matmul": None, "results": mixed}
+  markdown = bench.to_markdown(report, None, 3)
+  assert "| softmax | 2.00 | - | 2 (memory 1) |" in markdown
+  assert "| luna:16 | 1.00 | 0.00 | 3 |" in markdown
+  assert "last 3 ok lengths)" not in markdown
+
+
+def test_torch_peak_is_never_printed_as_zero(monkeypatch):
+  from benchmarks.attention_scaling import report as report_lib
+  cpu = {"backend": "cpu", "dtype": "float32", "torch_matmul": None}
+  monkeypatch.setattr(report_lib.importlib.util, "find_spec", lambda name: None)
+  assert bench.torch_peak_words(cpu, 1e-9, "GFLOP/s") == "not installed"
+  assert bench.torch_peak_words({**cpu, "backend": "gpu"}, 1e-9, "GFLOP/s") == (
+      "not measured: CPU only")
+  assert bench.torch_peak_words({**cpu, "dtype": "bfloat16"}, 1e-9, "GFLOP/s") == (
+      "not measured: float32 only")
+  measured = {**cpu, "torch_matmul": {"flops_per_s": 123.4e9}}
+  assert bench.torch_peak_words(measured, 1e-9, "GFLOP/s") == "123.4 GFLOP/s"
+  assert bench.torch_peak_words(measured, 1e-12, "TFLOP/s") == "0.123 TFLOP/s"

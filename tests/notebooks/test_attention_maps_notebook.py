@@ -43,6 +43,28 @@ def test_ipynb_is_in_sync_with_its_jupytext_source():
     assert f"{name} =" in params[0].source
 
 
+@pytest.mark.parametrize("where", ["repository root", "notebooks"])
+def test_paths_are_relative_to_the_repository_root(where, tmp_path):
+  """The parameters and setup cells alone, run from the root and from notebooks/: the kernel
+  moves to the root, where WORKDIR and OUT_DIR are, and nothing is written."""
+  jupytext = pytest.importorskip("jupytext")
+  pytest.importorskip("IPython")
+  code = [c.source for c in jupytext.read(SOURCE).cells if c.cell_type == "code"][:2]
+  assert "def repository_root" in code[1]
+  script = tmp_path / "setup_cells.py"
+  script.write_text("\n\n".join(code + [
+      "print(ROOT, os.getcwd(), os.path.abspath(WORKDIR), os.path.abspath(OUT_DIR), sep='\\n')"]))
+  root = NOTEBOOKS.parent
+  cwd = root if where == "repository root" else NOTEBOOKS
+  before = sorted(p.name for p in NOTEBOOKS.iterdir())
+  proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=_kernel_env(),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == [str(root), str(root), str(root / "runs" / "attention_maps"),
+                                 str(root / "notebooks" / "figures")]
+  assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before
+
+
 def _inject_parameters(nb, **values):
   """Adds a cell that overrides the parameters right after the "parameters" cell."""
   import nbformat   # pylint: disable=g-import-not-at-top

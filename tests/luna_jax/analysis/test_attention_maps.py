@@ -95,6 +95,16 @@ def test_luna_long_input_keeps_pack_maps_but_no_effective_map():
   assert layers[0].effective_BxNxN is None and layers[0].pack_BxHxLxN is not None
 
 
+def test_patch_model_maps_are_over_patches_with_their_mask():
+  # 8x8 images in 2x2 patches: 16 tokens; the mask is over the tokens, not the 64 pixels.
+  cfg = dataclasses.replace(LUNA, embedding="patches", patch_size=2, pad_id=None, max_len=64)
+  pixels = np.asarray(jax.random.randint(jax.random.key(0), (2, 64), 0, 256), np.int32)
+  layers = ia.attention_maps(cfg, _params(cfg, pixels), pixels)
+  assert layers[0].pack_BxHxLxN.shape[-1] == 16 and layers[0].effective_BxNxN.shape[-2:] == (16, 16)
+  assert layers[0].mask_BxN.shape == (2, 16) and layers[0].mask_BxN.all()
+  assert layers[0].p_mask_BxL is None
+
+
 def test_training_config_and_task_accepted():
   from configs import listops as listops_config   # pylint: disable=g-import-not-at-top
   from lra_tasks.common import TaskData          # pylint: disable=g-import-not-at-top
