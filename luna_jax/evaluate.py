@@ -16,7 +16,6 @@ the parameters file's sha256).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ def evaluate_run(run: str, data_dir: str, split: str = "test") -> dict[str, Any]
 
   import lra_tasks  # pylint: disable=g-import-not-at-top
   from lra_tasks import listops  # pylint: disable=g-import-not-at-top
+  from lra_tasks.common import file_digest  # pylint: disable=g-import-not-at-top
   from luna_jax import steps, workdir as wd  # pylint: disable=g-import-not-at-top
 
   if split not in SPLITS:
@@ -56,13 +56,8 @@ def evaluate_run(run: str, data_dir: str, split: str = "test") -> dict[str, Any]
           "split": split, "data": dict(task.provenance),
           "model": {"run": run, "task": config.task, "attention": cfg.attention,
                     "protocol": config.get("protocol", "custom"), "step": int(step),
-                    "params_sha256": _sha256(params_file) if os.path.isfile(params_file)
+                    "params_sha256": file_digest(params_file) if os.path.isfile(params_file)
                     else None}}
-
-
-def _sha256(file: str) -> str:
-  with open(file, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -996,7 +996,7 @@ def write_params_file(workdir: str, params: Any, step: int) -> str:
   import flax.serialization  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   data = flax.serialization.msgpack_serialize(
-      {"step": int(step), "params": jax.tree.map(lambda a: jax.device_get(a), params)})
+      {"step": int(step), "params": jax.device_get(params)})
   file = path(workdir, PARAMS_FILE)
   tmp = f"{file}.{os.getpid()}.tmp"
   with open(tmp, "wb") as f:
