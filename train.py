@@ -34,7 +34,8 @@ from ml_collections import config_flags  # noqa: E402
 
 import lra_tasks  # noqa: E402
 from configs import common  # noqa: E402
-from luna_jax import cli, metrics, trainer, transfer, workdir as wd  # noqa: E402
+from luna_jax import cli, metrics, resume_rules, trainer, transfer  # noqa: E402
+from luna_jax import workdir as wd  # noqa: E402
 from luna_jax.experiments import sweep  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -118,7 +119,8 @@ def help_text(config=None) -> str:
   else:
     title = "Config fields of this config (--config.FIELD=VALUE):"
   lines += ["", title]
-  lines += [f"  {k} = {v!r}" for k, v in sorted(wd.flatten(wd.config_dict(config)).items())]
+  fields = resume_rules.flatten(resume_rules.config_dict(config))
+  lines += [f"  {k} = {v!r}" for k, v in sorted(fields.items())]
   return "\n".join(lines)
 
 
@@ -134,12 +136,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     config = _config_of(argv)
     if config is not None:
-      names = wd.field_names(config)
+      names = resume_rules.field_names(config)
       for arg in argv[1:]:
         key = arg.split("=", 1)[0]
         if key.startswith("--config.") and key[len("--config."):] not in names:
           field = key[len("--config."):]
-          close = wd.closest_fields(field, names)
+          close = resume_rules.closest_fields(field, names)
           hint = (f"; closest valid names: {', '.join('config.' + c for c in close)}"
                   if close else "")
           _fail(f"{key}: config has no field {field!r}{hint} (train.py --config=FILE --help "

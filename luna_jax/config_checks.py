@@ -9,8 +9,7 @@ import jax
 import ml_collections
 
 import lra_tasks
-from luna_jax import models
-from luna_jax import workdir as wd
+from luna_jax import models, resume_rules
 from luna_jax.attention import ATTENTION_NAMES, get_attention
 from luna_jax.optim import SCHEDULES
 from luna_jax.workdir import ConfigError
@@ -18,7 +17,7 @@ from luna_jax.workdir import ConfigError
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails before any compute on a config that cannot work, naming the field (ConfigError)."""
-  for field, value in wd.flatten(config.to_dict()).items():
+  for field, value in resume_rules.flatten(config.to_dict()).items():
     if isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f"config.{field}={value} must be a finite number")
   m = config.model

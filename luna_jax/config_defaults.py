@@ -1,6 +1,6 @@
 """Every config field with its default: what the library reads (`base_config()`). The task
-configs (`configs/`) start from it and fill in each protocol's recipe; the run folder
-(`luna_jax.workdir`) compares a stored config against these defaults for fields it lacks."""
+configs (`configs/`) start from it and fill in each protocol's recipe; the resume check
+(`luna_jax.resume_rules`) compares a stored config against these defaults for fields it lacks."""
 from __future__ import annotations
 
 import ml_collections
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
                                # but length-homogeneous batches, so the protocol becomes custom)
   c.init_from = ""             # a trained run's workdir: start from its best parameters
                                # (post-hoc conversion, luna_jax/transfer.py)
-  c.allow_resume_changes = False  # resume with a changed schedule (luna_jax/workdir.py)
+  c.allow_resume_changes = False  # resume with a changed schedule (luna_jax/resume_rules.py)
   c.allow_truncation = True    # False: refuse ListOps rows longer than seq_len (else counted)
   c.protocol = "custom"        # luna_paper | lra_reference | small | quick (set by the variant)
   # torch OneCycleLR defaults (schedule "one_cycle"); cycle_momentum cycles Adam's beta1.

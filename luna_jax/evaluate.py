@@ -31,12 +31,12 @@ def evaluate_run(run: str, data_dir: str, split: str = "test") -> dict[str, Any]
   import lra_tasks  # pylint: disable=g-import-not-at-top
   from lra_tasks import listops  # pylint: disable=g-import-not-at-top
   from lra_tasks.common import file_digest  # pylint: disable=g-import-not-at-top
-  from luna_jax import steps, workdir as wd  # pylint: disable=g-import-not-at-top
+  from luna_jax import checkpoints, steps, workdir as wd  # pylint: disable=g-import-not-at-top
 
   if split not in SPLITS:
     raise ValueError(f"--split={split!r}; expected one of {SPLITS}")
   run = os.path.abspath(run)
-  config, params, step = wd.load_params(run, "best")
+  config, params, step = checkpoints.load_params(run, "best")
   with config.unlocked():
     config.data_dir = os.path.abspath(data_dir) if data_dir else ""
   task = (listops.load(config, splits=(split,)) if config.task == "listops"

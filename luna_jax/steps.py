@@ -16,7 +16,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lra_tasks
-from luna_jax import input_pipeline, models
+from luna_jax import input_pipeline, models, resume_rules
 from luna_jax import workdir as wd
 from luna_jax.optim import make_optimizer
 from luna_jax.workdir import ConfigError
@@ -133,7 +133,7 @@ def programs_of(config: ml_collections.ConfigDict, cfg: models.ModelConfig,
   """The programs of `config` on `mesh`, kept for the last few configs, so that another run of
   an identical config in this process (a notebook cell run again, a resumed or repeated run in
   tests and sweeps) reuses the compiled steps instead of tracing and compiling them again."""
-  key = (wd.dumps(wd.config_dict(config), sort_keys=True), cfg, mesh)
+  key = (wd.dumps(resume_rules.config_dict(config), sort_keys=True), cfg, mesh)
   if key in _PROGRAMS:
     _PROGRAMS[key] = _PROGRAMS.pop(key)       # most recently used last
     return _PROGRAMS[key]

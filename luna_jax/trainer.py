@@ -5,8 +5,9 @@ with a `data` axis, the batch sharded over it and the state replicated. Checkpoi
 the train state and the grain iterator together, so a killed run resumes exactly; per-step
 randomness is `fold_in(key, step)`. Validation every `eval_every` steps; the best-validation
 parameters are kept and evaluated on the test split at the end. The config is checked in
-`luna_jax.config_checks`, the optimizer is `luna_jax.optim`; what the workdir holds, when a resume
-is accepted and how damaged checkpoints are recovered is `luna_jax.workdir`.
+`luna_jax.config_checks`, the optimizer is `luna_jax.optim`; what the workdir holds is
+`luna_jax.workdir`, when a resume is accepted `luna_jax.resume_rules`, and how damaged checkpoints
+are recovered `luna_jax.checkpoints`.
 
 steps/s (console, metrics.jsonl and results.json alike): training steps per second of time
 spent in training steps, i.e. without evaluation, logging, checkpoint saves and each process's
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lra_tasks
 from luna_jax import input_pipeline, metrics as metrics_lib, models, runtime, steps, transfer
-from luna_jax import workdir as wd
+from luna_jax import checkpoints, resume_rules, workdir as wd, workdir_lock
 from luna_jax.config_checks import check_task, validate_config
 from luna_jax.optim import learning_rate_schedule
 from luna_jax.steps import TrainState
@@ -47,19 +48,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        start_over: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest readable checkpoint); returns the
   results dict also written to WORKDIR/results.json. The run folder's rules (one writer, resume
-  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir`.
+  checks, recovery, what metrics and results derive from) are in `luna_jax.workdir` and the
+  modules it names.
   `start_over`: with no readable training checkpoint, train from step 0 even if that replaces
   an earlier run's best/ and results.json (`workdir.check_start_over`)."""
   validate_config(config)
   workdir = wd.checked_workdir(workdir)
-  with wd.WorkdirLock(workdir):
-    changes = wd.resume_changes(workdir, config)     # before anything is written
+  with workdir_lock.WorkdirLock(workdir):
+    changes = resume_rules.resume_changes(workdir, config)     # before anything is written
     if config.get("init_from") and not wd.has_checkpoints(workdir):
       _check_source(config)   # once converted, the run has the parameters in its checkpoints
     task = lra_tasks.load_task(config)
     check_task(config, task)
-    identity = wd.run_identity(task.provenance, jax.device_count())
-    changes += wd.identity_changes(workdir, identity)
+    identity = resume_rules.run_identity(task.provenance, jax.device_count())
+    changes += resume_rules.identity_changes(workdir, identity)
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
     wd.clean_tmp(workdir)
@@ -67,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter = _train_iterator(run)
     try:
       first_step, state = _restore_or_initialize(run, train_iter, start_over)
-      wd.record_config(workdir, config, changes, first_step, identity)
+      resume_rules.record_config(workdir, config, changes, first_step, identity)
       wd.start_at(workdir, first_step, config.num_train_steps)
       run.ckpts.prune_best_after(first_step)
       wd.sync("luna_jax_start")
@@ -121,7 +123,7 @@ class _Run:
   step_key: jax.Array
   buckets: tuple[int, ...]
   lengths: dict[str, np.ndarray]
-  ckpts: wd.Checkpoints
+  ckpts: checkpoints.Checkpoints
   writer: metrics_lib.MetricWriter | None = None
   progress: metrics_lib.Progress | None = None
 
@@ -137,7 +139,8 @@ class _Run:
       _say(f"length buckets {buckets}: " + ", ".join(
           f"{name} {np.bincount(np.searchsorted(buckets, ls), minlength=len(buckets)).tolist()}"
           for name, ls in lengths.items()))
-    ckpts = wd.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+    ckpts = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                    every=config.checkpoint_every)
     return cls(config, workdir, task, cfg, programs, NamedSharding(mesh, P("data")),
                jax.tree.map(lambda _: repl, programs.abstract), *steps.run_keys(config),
                buckets, lengths, ckpts)
@@ -170,7 +173,7 @@ def _restore_or_initialize(run: _Run, train_iter: Any, start_over: bool
   restored = run.ckpts.restore_latest(run.target(run.programs.abstract, run.state_sh),
                                       train_iter.set_state)
   if restored is not None:
-    wd.check_steps(run.workdir, restored[0], config.num_train_steps)
+    resume_rules.check_steps(run.workdir, restored[0], config.num_train_steps)
     return restored
   wd.check_start_over(run.workdir, start_over)
   state = run.programs.init(run.init_key)
@@ -182,7 +185,8 @@ def _restore_or_initialize(run: _Run, train_iter: Any, start_over: bool
   return 0, state
 
 
-def _announce(run: _Run, state: TrainState, first_step: int, changes: list[wd.Change]) -> None:
+def _announce(run: _Run, state: TrainState, first_step: int,
+              changes: list[resume_rules.Change]) -> None:
   """The console's first lines (new run, resume or re-evaluation) and, for a new run, its
   parameter count and hyperparameters in metrics.jsonl and TensorBoard."""
   config, workdir = run.config, run.workdir
@@ -369,7 +373,7 @@ def _final_evaluation(run: _Run, state: TrainState, step: int) -> dict[str, Any]
       writer.write(step, val)
   test = evaluate("test", best_params, best_step)
   if jax.process_index() == 0:
-    wd.write_params_file(workdir, best_params, best_step)
+    checkpoints.write_params_file(workdir, best_params, best_step)
   writer.write(step, {**test, "test_at_step": best_step})
   run.progress.log(step, {**test, "best_step": float(best_step)})
   return {"best_val_accuracy": val["val_accuracy"], "best_step": best_step, **test}
@@ -379,7 +383,7 @@ def _check_source(config: ml_collections.ConfigDict) -> None:
   """config.init_from names a run whose model can become this one (before anything else)."""
   source = os.path.abspath(config.init_from)
   try:
-    src_config = wd.load_config(source)
+    src_config = resume_rules.load_config(source)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
   transfer.check_compatible(src_config, config, source)
@@ -392,14 +396,14 @@ def _convert_from(config: ml_collections.ConfigDict, cfg: models.ModelConfig, st
   initialised and dropped, and the source's numbers)."""
   source = os.path.abspath(config.init_from)
   try:
-    src_config, src_params, src_step = wd.load_params(source, "best")
+    src_config, src_params, src_step = checkpoints.load_params(source, "best")
   except (FileNotFoundError, wd.CheckpointError) as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: {e}") from None
   params, report = transfer.transfer(src_params, jax.device_get(state.params),
                                      target_is_luna=models.carries_p(cfg))
   state = state.replace(params=jax.device_put(params, state_sh.params))
   src_results = wd.read_json(wd.path(source, wd.RESULTS_FILE)) or {}
-  info = {**wd.best_identity(source), "attention": src_config.model.attention,
+  info = {**resume_rules.best_identity(source), "attention": src_config.model.attention,
           "test_accuracy": src_results.get("test_accuracy"),
           "summary": report.summary(), **report.to_dict()}
   if jax.process_index() == 0:

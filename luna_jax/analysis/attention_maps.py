@@ -30,7 +30,8 @@ dual encoder the batch axis is `2 * B` in the order (example 0 doc 0, example 0 
 
 Checkpoints: `load_config(workdir)` reads the run's config and `load_params(workdir)` restores
 the parameters of the best-validation checkpoint or of the latest training checkpoint onto one
-local device, whatever topology they were saved from (both live in `luna_jax.workdir`).
+local device, whatever topology they were saved from (they live in `luna_jax.resume_rules` and
+`luna_jax.checkpoints`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import ml_collections
 import numpy as np
 
 import lra_tasks
-from luna_jax import models, workdir as wd
+from luna_jax import checkpoints, models, resume_rules
 
 PACK_KEY = "pack_attn"
 UNPACK_KEY = "unpack_attn"
@@ -252,11 +253,11 @@ def kernel_attention_map(phi_q_BxNxHxF: np.ndarray, phi_k_BxNxHxF: np.ndarray,
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The training config saved in the workdir (`luna_jax.workdir.load_config`)."""
-  return wd.load_config(workdir)
+  """The training config saved in the workdir (`luna_jax.resume_rules.load_config`)."""
+  return resume_rules.load_config(workdir)
 
 
 def load_params(workdir: str, which: str = "auto") -> tuple[ml_collections.ConfigDict, Any, int]:
-  """(config, params, step) of a train_and_evaluate workdir (`luna_jax.workdir.load_params`):
+  """(config, params, step) of a train_and_evaluate workdir (`luna_jax.checkpoints.load_params`):
   `which` is "best", "latest" or "auto" (best if present, else latest)."""
-  return wd.load_params(workdir, which)
+  return checkpoints.load_params(workdir, which)

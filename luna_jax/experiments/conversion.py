@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import ml_collections
 
 import lra_tasks
-from luna_jax import cli, config_checks, trainer, transfer
+from luna_jax import cli, config_checks, resume_rules, trainer, transfer
 from luna_jax import workdir as wd
 
 PROG = "python -m luna_jax.experiments.conversion"
@@ -94,9 +94,9 @@ def check_reusable(workdir: str, config: ml_collections.ConfigDict, source_dir: 
   """ConfigMismatchError if WORKDIR holds a run of another config, or (`source_dir` given) one
   converted from another source checkpoint: the source's path and its best checkpoint's step
   and sha256 are part of a converted run's identity (init_from.json)."""
-  changes = wd.changed_config(workdir, config)
+  changes = resume_rules.changed_config(workdir, config)
   why = (f"{workdir} holds a run of another config ({'; '.join(map(str, changes))})"
-         if changes else source_dir and wd.converted_from_other(workdir, source_dir))
+         if changes else source_dir and resume_rules.converted_from_other(workdir, source_dir))
   if why:
     raise wd.ConfigMismatchError(f"{why}: use another --root for this study")
 
@@ -105,7 +105,7 @@ def run_study(source_dir: str, targets: Sequence[str], steps: Sequence[int], roo
               train: bool = True) -> list[dict[str, Any]]:
   """Every (target, N, converted|scratch) run; returns the table rows. train=False only reads
   the runs that finished (the others are left out of the averages and shown as not run)."""
-  source = wd.load_config(source_dir)
+  source = resume_rules.load_config(source_dir)
   source_results = wd.read_json(wd.path(source_dir, wd.RESULTS_FILE))
   if source_results is None or "test_accuracy" not in source_results:
     raise SourceError(f"--source {source_dir}: no finished run (results.json with "

@@ -11,7 +11,7 @@ import os
 import statistics
 from typing import Any, Iterable
 
-from luna_jax import cli
+from luna_jax import cli, resume_rules
 from luna_jax import workdir as wd
 
 TASKS5 = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -126,7 +126,7 @@ _read_json = wd.read_json       # None if absent; errors name the file
 _read_jsonl = wd.read_jsonl     # [] if absent; errors name the file and line
 
 
-_flatten = wd.flatten            # {"a": {"b": 1}} -> {"a.b": 1}
+_flatten = resume_rules.flatten  # {"a": {"b": 1}} -> {"a.b": 1}
 
 
 def workdir_status(workdir: str) -> tuple[str, str]:
@@ -205,7 +205,7 @@ def load_runs(roots: Iterable[str]) -> list[Run]:
     if r.status != "finished":
       continue
     key = json.dumps([r.protocol, r.data_label, {k: v for k, v in sorted(r.config.items())
-                                     if wd.field_kind(k) != wd.BOOKKEEPING}])
+                                     if resume_rules.field_kind(k) != resume_rules.BOOKKEEPING}])
     if key in first:
       r.status, r.message = "copy", f"the same run as {first[key].workdir} (counted once)"
       r.test_accuracy = None

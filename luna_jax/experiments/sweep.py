@@ -37,8 +37,8 @@ import types
 from typing import Any, Callable, Sequence
 
 from luna_jax.experiments import runs as runs_lib
-from luna_jax import cli
-from luna_jax import workdir as wd
+from luna_jax import cli, resume_rules
+from luna_jax import workdir as wd, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESERVED = ("config", "arg", "name")
@@ -248,9 +248,9 @@ def point_config(point: Point, extra: Sequence[str] = ()):
 def _skip_reason(workdir: str, retry_diverged: bool, config=None) -> str | None:
   """"running" (another process holds the workdir), "changed" (`changed_config`), "finished",
   "diverged" (unless retried), or None for a point to run."""
-  if wd.lock_holder(workdir) is not None:
+  if workdir_lock.lock_holder(workdir) is not None:
     return "running"
-  if config is not None and wd.changed_config(workdir, config):
+  if config is not None and resume_rules.changed_config(workdir, config):
     return "changed"
   status = runs_lib.workdir_status(workdir)[0]
   if status == "finished" or (status == "diverged" and not retry_diverged):
@@ -279,7 +279,7 @@ def run_sweep(points: Sequence[Point], root: str, command: Callable[[Point], lis
     skip = (_skip_reason(p.workdir(root), retry_diverged, configs[p.name]) if check_workdirs
             else None)
     if skip == "changed":
-      changes = wd.changed_config(p.workdir(root), configs[p.name])
+      changes = resume_rules.changed_config(p.workdir(root), configs[p.name])
       outcome[p.name] = "refused"
       print(f"# refuse: {p.workdir(root)} holds a run of another config "
             f"({'; '.join(map(str, changes))}); rerun with its flags or use another --root",

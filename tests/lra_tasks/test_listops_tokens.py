@@ -17,7 +17,7 @@ import pytest
 from configs import listops as listops_config
 from lra_tasks import listops
 from lra_tasks.common import DataError
-from luna_jax import workdir as wd
+from luna_jax import resume_rules
 
 FIXTURE = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "listops_rows.tsv")
 
@@ -122,11 +122,11 @@ def test_each_protocol_reads_the_tokens_of_its_published_rows(arg, tokens):
 
 def test_a_resume_with_another_token_set_is_refused(tmp_path):
   c = listops_config.get_config("quick")
-  stored = wd.config_dict(c)
+  stored = resume_rules.config_dict(c)
   c.listops.tokens = "no_brackets"
-  changes = wd.config_changes(stored, c)
+  changes = resume_rules.config_changes(stored, c)
   assert [(ch.field, ch.old, ch.new, ch.kind) for ch in changes] == [
-      ("listops.tokens", "brackets", "no_brackets", wd.MODEL_DATA)]
+      ("listops.tokens", "brackets", "no_brackets", resume_rules.MODEL_DATA)]
 
 
 @pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from lra_tasks import listops, listops_generator
-from luna_jax import evaluate, trainer
+from luna_jax import evaluate, resume_rules, trainer
 from luna_jax import workdir as wd
 from tests.luna_jax.test_trainer import tiny_config
 
@@ -25,7 +25,7 @@ def fixture_trained(tmp_path_factory) -> tuple[str, dict]:
 
 
 def data_dir_of(workdir: str) -> str:
-  config = wd.load_config(workdir)
+  config = resume_rules.load_config(workdir)
   return listops_generator.cached_data_dir(listops._settings(config))
 
 

@@ -1,5 +1,6 @@
 """Fault injection on the run folder: reused, damaged or killed workdirs never make the project
-report a wrong number or lose what the user made (luna_jax/workdir.py)."""
+report a wrong number or lose what the user made (luna_jax/workdir.py, workdir_lock.py,
+resume_rules.py, checkpoints.py)."""
 from __future__ import annotations
 
 import errno
@@ -22,7 +23,7 @@ import lra_tasks
 from lra_tasks import listops, pathfinder, retrieval
 from lra_tasks.common import DataError
 from luna_jax import metrics as metrics_lib
-from luna_jax import models, steps, trainer
+from luna_jax import checkpoints, models, resume_rules, steps, trainer
 from luna_jax import workdir as wd
 from tests.conftest import REPO
 from tests.lra_tasks.test_pathfinder import make_config as pathfinder_config
@@ -67,14 +68,14 @@ def assert_consistent(workdir, config) -> dict:
   """results.json describes the best checkpoint that exists, config.json is the config of the
   checkpoints, and metrics.jsonl holds each step once."""
   res = json.loads((workdir / wd.RESULTS_FILE).read_text())
-  _, best_params, best_step = wd.load_params(str(workdir), "best")
+  _, best_params, best_step = checkpoints.load_params(str(workdir), "best")
   assert res["best_step"] == best_step
   assert res["test_accuracy"] == pytest.approx(accuracy(config, best_params, "test"), abs=1e-6)
   recs = records(workdir)
   val = [r["val_accuracy"] for r in recs if r["step"] == best_step and "val_accuracy" in r]
   assert val == [res["best_val_accuracy"]]
   assert res["best_val_accuracy"] == max(r["val_accuracy"] for r in recs if "val_accuracy" in r)
-  assert json.loads((workdir / wd.CONFIG_FILE).read_text()) == wd.config_dict(config)
+  assert json.loads((workdir / wd.CONFIG_FILE).read_text()) == resume_rules.config_dict(config)
   train_steps = [r["step"] for r in recs if "train_loss" in r]
   assert train_steps == sorted(set(train_steps))                    # no step twice
   assert sum(r["step"] == 0 for r in recs) == 1                     # one header record
@@ -83,7 +84,7 @@ def assert_consistent(workdir, config) -> dict:
 
 
 def params_of(workdir, which="latest"):
-  return wd.load_params(str(workdir), which)[1]
+  return checkpoints.load_params(str(workdir), which)[1]
 
 
 def assert_same_params(a, b):
@@ -184,17 +185,17 @@ def test_rerun_of_a_finished_run_with_an_older_config_json(reference, tmp_path, 
 
 
 def test_field_rules_for_old_and_new_configs():
-  stored = wd.config_dict(config_of())
-  new = wd.config_dict(config_of())
+  stored = resume_rules.config_dict(config_of())
+  new = resume_rules.config_dict(config_of())
   del stored["model"]["qkv_bias"]                    # added since, at its default: unchanged
-  assert wd.config_changes(stored, new) == []
+  assert resume_rules.config_changes(stored, new) == []
   new["model"]["qkv_bias"] = True                    # added since, not at its default
   new["eval_every"] = 7                              # bookkeeping
   new["one_cycle"]["div_factor"] = 10.0              # schedule
-  changes = {c.field: (c.kind, c.old, c.new) for c in wd.config_changes(stored, new)}
-  assert changes == {"model.qkv_bias": (wd.MODEL_DATA, wd.ABSENT, True),
-                     "eval_every": (wd.BOOKKEEPING, 2, 7),
-                     "one_cycle.div_factor": (wd.SCHEDULE, 25.0, 10.0)}
+  changes = {c.field: (c.kind, c.old, c.new) for c in resume_rules.config_changes(stored, new)}
+  assert changes == {"model.qkv_bias": (resume_rules.MODEL_DATA, resume_rules.ABSENT, True),
+                     "eval_every": (resume_rules.BOOKKEEPING, 2, 7),
+                     "one_cycle.div_factor": (resume_rules.SCHEDULE, 25.0, 10.0)}
 
 
 # ----------------------------------------------------------------------------- damaged files

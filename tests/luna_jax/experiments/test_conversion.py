@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from luna_jax import optim, trainer, workdir as wd
+from luna_jax import checkpoints, optim, resume_rules, trainer, workdir as wd
 from luna_jax.experiments import conversion
 from tests.luna_jax.test_trainer import tiny_config
 
@@ -51,8 +51,8 @@ def test_learned_kernel_target_copies_bitwise_and_adds_only_its_own(source, tmp_
       p.rsplit("/", 1)[-1] in ("feature_proj", "feature_bias", "psi_w1", "psi_b1", "psi_w2",
                                "psi_b2") for p in info["initialised"])
   assert not info["dropped"]
-  _, src_params, _ = wd.load_params(source, "best")
-  _, new_params, step = wd.load_params(str(tmp_path), "best")   # 0 steps: the converted model
+  _, src_params, _ = checkpoints.load_params(source, "best")
+  _, new_params, step = checkpoints.load_params(str(tmp_path), "best")   # 0 steps: converted
   assert step == 0
   s, n = flat(src_params), flat(new_params)
   for path in info["copied"]:
@@ -144,7 +144,7 @@ def test_study_rerun_with_another_source_is_refused(source, tmp_path):
   root = str(tmp_path / "study")
   conversion.run_study(str(first), ["softmax"], [0], root)
   info = wd.read_json(os.path.join(root, "softmax", "converted_n0", wd.INIT_FROM_FILE))
-  assert info["sha256"] == wd.best_identity(str(first))["sha256"]
+  assert info["sha256"] == resume_rules.best_identity(str(first))["sha256"]
   with pytest.raises(wd.ConfigMismatchError) as e:
     conversion.run_study(str(second), ["softmax"], [0], root, train=False)
   assert (f"holds a run of another config (config.init_from: {str(first)!r} -> "

@@ -15,7 +15,7 @@ import pytest
 from configs.sweeps import hyper as h
 from luna_jax.experiments import results, runs
 from luna_jax.experiments import sweep
-from luna_jax import workdir as wd
+from luna_jax import resume_rules, workdir as wd
 
 
 def test_hyper_combinators_order_and_counts():
@@ -252,7 +252,7 @@ def test_a_rerun_with_other_extra_flags_is_refused_not_skipped(tmp_path, monkeyp
   workdir = point.workdir(root)
   _finish(workdir)
   os.makedirs(os.path.join(workdir, wd.BEST_DIR, "7"))
-  stored = wd.config_dict(sweep.point_config(point, ["--config.model.dropout=0.25"]))
+  stored = resume_rules.config_dict(sweep.point_config(point, ["--config.model.dropout=0.25"]))
   with open(os.path.join(workdir, wd.CONFIG_FILE), "w") as f:
     json.dump(stored, f)
   monkeypatch.setattr(sweep, "run_logged", lambda cmd, w: pytest.fail(f"ran {cmd}"))
