@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for protocol in words & set(common.PROTOCOL_TASKS):   # black pixels are padding there
     common.small_protocol(c, protocol)
   if "quick" in words:
-    # 16x16 images of the easy 3-paddle setting (lra_tasks/pathfinder_generator.py), 4x4 patches.
+    # 16x16 images of the easy 3-paddle setting (lra_tasks/pathfinder_drawing.py), 4x4 patches.
     c.pathfinder.update(resolution=16, difficulty="curv_contour_length_3", num_images=20_000)
     c.black_is_padding = False           # patches see every pixel
     c.seq_len = 256

@@ -13,6 +13,7 @@ from PIL import Image
 from lra_tasks import pathfinder
 from lra_tasks import pathfinder_generator as gen
 from lra_tasks.common import DataError
+from lra_tasks.pathfinder_drawing import make_image, params_for
 
 HARD = "curv_contour_length_14"
 
@@ -77,9 +78,9 @@ def test_generator_writes_release_layout_and_reads_back(generated):
   images = pathfinder.read_images(pathfinder.find_folder(str(out / "pathfinder32"), 32, HARD),
                                   32)
   assert images.num_records == 16 and not images.skipped
-  params = gen.params_for(32, HARD)
+  params = params_for(32, HARD)
   for index in (0, 5, 8, 15):
-    image, label = gen.make_image(params, 3, index)
+    image, label = make_image(params, 3, index)
     np.testing.assert_array_equal(images.pixels[index], image)
     assert images.labels[index] == label
 
@@ -91,10 +92,10 @@ def test_generator_labels_balanced(generated):
 
 
 def test_generator_deterministic_for_a_seed():
-  params = gen.params_for(32, HARD)
-  a, label_a = gen.make_image(params, 11, 7)
-  b, label_b = gen.make_image(params, 11, 7)
-  c, _ = gen.make_image(params, 12, 7)
+  params = params_for(32, HARD)
+  a, label_a = make_image(params, 11, 7)
+  b, label_b = make_image(params, 11, 7)
+  c, _ = make_image(params, 12, 7)
   np.testing.assert_array_equal(a, b)
   assert label_a == label_b
   assert not np.array_equal(a, c)
@@ -104,9 +105,9 @@ def test_generator_deterministic_for_a_seed():
                          [(16, "curv_contour_length_3"), (32, HARD), (32, "curv_baseline"),
                           (64, "curv_contour_length_9"), (128, HARD)])
 def test_generated_images_have_size_and_content(resolution, difficulty):
-  params = gen.params_for(resolution, difficulty)
+  params = params_for(resolution, difficulty)
   for index in (0, 1):
-    image, label = gen.make_image(params, 0, index)
+    image, label = make_image(params, 0, index)
     assert image.shape == (resolution, resolution) and image.dtype == np.uint8
     assert label == index % 2
     assert image.max() == 255                      # markers at full intensity
