@@ -63,23 +63,25 @@ def rms_factor(u_BxNxHxM: Array, mask_BxN: Array | None) -> Array:
   return jnp.minimum(1.0, RMS_TARGET * jax.lax.rsqrt(mean_M + 1e-12))
 
 
-def chunked_map(fn, x_BxNx_: Array, u_BxNx_: Array, chunk: int) -> Array:
-  """fn(x, u) over chunks of `chunk` tokens, each rematerialised in the backward pass: psi's
-  hidden activation [B, chunk, H, m, hidden] is the largest temporary, never [B, N, ...]."""
-  n = x_BxNx_.shape[1]
+def chunked_map(fn, x: Array, u: Array, chunk: int, axis: int = 1) -> Array:
+  """fn(x, u) over chunks of `chunk` tokens (token axis `axis` of x, u and the output), each
+  rematerialised in the backward pass, so psi's residuals are chunk-sized, never N-sized."""
+  n = x.shape[axis]
   if chunk <= 0 or chunk >= n:
-    return fn(x_BxNx_, u_BxNx_)
+    return fn(x, u)
   pad = -n % chunk
   if pad:
-    x_BxNx_, u_BxNx_ = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-                        for a in (x_BxNx_, u_BxNx_))
-  b, g = x_BxNx_.shape[0], (n + pad) // chunk
+    x, u = (jnp.pad(a, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (a.ndim - axis - 1))
+            for a in (x, u))
+  g = (n + pad) // chunk
 
-  def to_chunks(a):   # [B, N, ...] -> [G, B, c, ...]
-    return a.reshape(b, g, chunk, *a.shape[2:]).swapaxes(0, 1)
+  def to_chunks(a):   # [.., N, ..] -> [G, .., c, ..]
+    return jnp.moveaxis(a.reshape(*a.shape[:axis], g, chunk, *a.shape[axis + 1:]), axis, 0)
 
-  out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), (to_chunks(x_BxNx_), to_chunks(u_BxNx_)))
-  return out.swapaxes(0, 1).reshape(b, n + pad, *out.shape[3:])[:, :n]
+  out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), (to_chunks(x), to_chunks(u)))
+  out = jnp.moveaxis(out, 0, axis)
+  out = out.reshape(*out.shape[:axis], n + pad, *out.shape[axis + 2:])
+  return jax.lax.slice_in_dim(out, 0, n, axis=axis)
 
 
 class LearnedKernelAttention(linear_common.LinearAttention):
@@ -115,33 +117,40 @@ class LearnedKernelAttention(linear_common.LinearAttention):
       env_c = self.param("envelope_b", nn.initializers.constant(math.log(math.e - 1.0)), (),
                          jnp.float32)
 
-    xs = [q_BxNxHxK.astype(jnp.float32) * dh**-0.25, k_BxNxHxK.astype(jnp.float32) * dh**-0.25]
-    us = [jnp.einsum("bnhk,mk->bnhm", x, w_MxK) + b_M for x in xs]
+    # Heads before tokens from here on: the attention products take [B, H, N, F] operands,
+    # and transposing q and k (dh wide) is cheaper than transposing u (m) or features (m L).
+    xs = [a.astype(jnp.float32).swapaxes(1, 2) * dh**-0.25 for a in (q_BxNxHxK, k_BxNxHxK)]
+    us = [jnp.einsum("bhnk,mk->bhnm", x, w_MxK) + b_M for x in xs]
     if self.rms_rescale:
-      factor_M = rms_factor(jnp.concatenate(us, axis=1),
+      factor_M = rms_factor(jnp.concatenate([u.swapaxes(1, 2) for u in us], axis=1),
                             None if mask_BxN is None else jnp.concatenate([mask_BxN] * 2, 1))
       us = [u * factor_M for u in us]
 
-    def phi(x_BxNxHxK, u_BxNxHxM):
-      # Heads before tokens: attend's products take [B, H, N, F] operands, so the features
-      # are made in that order (the transpose moves u, 1/L of their size; transposing the
-      # features took more time than psi).
-      u_BxHxNxM = u_BxNxHxM.swapaxes(1, 2)
-      psi_BxHxNxMxL = scalar_mlp.psi(u_BxHxNxM, w1, b1, w2, b2)
-      phi_BxHxNxF = psi_BxHxNxMxL.reshape(*u_BxHxNxM.shape[:3], m * l) * m**-0.5
+    def phi(x_BxHxNxK, u_BxHxNxM):
+      # m**-0.5 is folded into psi's table.
+      psi_BxHxNxMxL = scalar_mlp.psi(u_BxHxNxM, w1, b1, w2, b2, scale=m**-0.5)
+      phi_BxHxNxF = psi_BxHxNxMxL.reshape(*u_BxHxNxM.shape[:3], m * l)
       if self.envelope == "learned":
-        env_BxNxH = jax.nn.softplus(x_BxNxHxK @ env_a_K + env_c)
-        phi_BxHxNxF = phi_BxHxNxF * env_BxNxH.swapaxes(1, 2)[..., None]
-      return phi_BxHxNxF.swapaxes(1, 2)
+        env_BxHxN = jax.nn.softplus(x_BxHxNxK @ env_a_K + env_c)
+        phi_BxHxNxF = phi_BxHxNxF * env_BxHxN[..., None]
+      return phi_BxHxNxF
 
-    phi_q_BxNxHxF, phi_k_BxNxHxF = (chunked_map(phi, x, u, self.feature_chunk)
-                                    for x, u in zip(xs, us))
+    phi_q_BxHxNxF, phi_k_BxHxNxF = (
+        chunked_map(phi, x, u, self.feature_chunk, axis=2)
+        for x, u in zip(xs, us))
+    # [B, N, H, F] for the causal and recurrent forms, inspection and `features` (unused, so
+    # compiled away, in the bidirectional training step).
+    phi_q_BxNxHxF, phi_k_BxNxHxF = phi_q_BxHxNxF.swapaxes(1, 2), phi_k_BxHxNxF.swapaxes(1, 2)
     if state is None:
       linear_common.sow_attention_map(self, phi_q_BxNxHxF, phi_k_BxNxHxF, mask_BxN,
                                       is_causal=self.causal, eps=self.eps, mode="eps")
-    o_BxNxHxK, state = linear_common.attend(
-        phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
-        chunk_size=self.chunk_size, eps=self.eps, mode="eps")
+    if state is None and not self.causal:
+      o_BxNxHxK = linear_common.bidirectional_heads_first(
+          phi_q_BxHxNxF, phi_k_BxHxNxF, v_BxNxHxK, mask_BxN, eps=self.eps, mode="eps")
+    else:
+      o_BxNxHxK, state = linear_common.attend(
+          phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK, mask_BxN, state, is_causal=self.causal,
+          chunk_size=self.chunk_size, eps=self.eps, mode="eps")
     y_BxNxD = self._out(o_BxNxHxK, x_BxNxD.shape[-1])
     return y_BxNxD, state, (phi_q_BxNxHxF, phi_k_BxNxHxF, v_BxNxHxK)
 

@@ -111,6 +111,30 @@ def bidirectional(phi_q_BxNxHxF: Array, phi_k_BxNxHxF: Array, v_BxNxHxK: Array,
   return _normalise(num_BxNxHxK, den_BxNxH, eps, mode)
 
 
+def bidirectional_heads_first(phi_q_BxHxNxF: Array, phi_k_BxHxNxF: Array, v_BxNxHxK: Array,
+                              mask_BxN: Array | None = None, *, eps: float = 1e-6,
+                              mode: str = "eps") -> Array:
+  """`bidirectional` (without log_k) on heads-first features [B, H, N, F], in two products: the
+  key sums S and z as one [F, K + 1] product with [v, 1] (padded keys dropped through that
+  operand, the F-wide features are not masked), then num and den as one product with it. No
+  transpose of the features and no matrix-vector product. Returns [B, N, H, K]."""
+  _check_mode(mode)
+  phi_q, phi_k, v = _f32(phi_q_BxHxNxF, phi_k_BxHxNxF, v_BxNxHxK)
+  real_BxN = (jnp.ones(v.shape[:2], jnp.float32) if mask_BxN is None
+              else mask_BxN.astype(jnp.float32))
+  k = v.shape[-1]
+  v_BxHxNxK = v.swapaxes(1, 2)
+  v1_BxHxNxK1 = jnp.concatenate([v_BxHxNxK, jnp.ones_like(v_BxHxNxK[..., :1])], axis=-1)
+  v1_BxHxNxK1 = v1_BxHxNxK1 * real_BxN[:, None, :, None]
+  # [K + 1, F] rather than [F, K + 1]: the faster order of both products on XLA:CPU (0.75x).
+  sz_BxHxK1xF = jnp.einsum("bhnk,bhnf->bhkf", v1_BxHxNxK1, phi_k)
+  numden_BxHxNxK1 = jnp.einsum("bhnf,bhkf->bhnk", phi_q, sz_BxHxK1xF).swapaxes(1, 2)
+  num_BxNxHxK = numden_BxHxNxK1[..., :k]
+  if mode == "none":
+    return num_BxNxHxK
+  return _normalise(num_BxNxHxK, numden_BxHxNxK1[..., k], eps, mode)
+
+
 def attention_map(phi_q_BxNxHxF: Array, phi_k_BxNxHxF: Array, mask_BxN: Array | None, *,
                   is_causal: bool, eps: float, mode: str, log_k: bool = False) -> Array:
   """The N x N map a linear mechanism implies, [B, H, N, N] float32 (for inspection only)."""

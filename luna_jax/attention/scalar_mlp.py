@@ -22,8 +22,10 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _tables(w1_J: Array, b1_J: Array, w2_JxL: Array, b2_L: Array) -> tuple[Array, Array, Array]:
-  """(breakpoints [J], slopes A [J + 1, L], intercepts C [J + 1, L]) of one MLP."""
+def _tables(w1_J: Array, b1_J: Array, w2_JxL: Array, b2_L: Array,
+            scale: float = 1.0) -> tuple[Array, Array, Array]:
+  """(breakpoints [J], slopes A [J + 1, L], intercepts C [J + 1, L]) of one MLP, A and C times
+  `scale` > 0."""
   j = w1_J.shape[0]
   t_J = jax.lax.stop_gradient(jnp.where(w1_J != 0, -b1_J / jnp.where(w1_J != 0, w1_J, 1.0),
                                         jnp.inf))
@@ -34,7 +36,7 @@ def _tables(w1_J: Array, b1_J: Array, w2_JxL: Array, b2_L: Array) -> tuple[Array
   act_SxJ = act_SxJ.astype(w1_J.dtype)
   a_SxL = act_SxJ @ (w1_J[:, None] * w2_JxL)
   c_SxL = act_SxJ @ (b1_J[:, None] * w2_JxL) + b2_L
-  return t_J, a_SxL, c_SxL
+  return t_J, a_SxL * scale, c_SxL * scale
 
 
 def segments(u_XxM: Array, t_J: Array, parts: int = 2) -> Array:
@@ -58,46 +60,53 @@ def segments(u_XxM: Array, t_J: Array, parts: int = 2) -> Array:
 
 @jax.custom_vjp
 def lookup(u_XxM: Array, idx_XxM: Array, a_SxL: Array, c_SxL: Array) -> Array:
-  """relu(u a[idx] + c[idx]): [..., M, L] (X: any leading axes). The custom backward keeps only
-  (u, idx), so no gathered [.., L] array is stored: it gathers again (fused with the ReLU mask
-  and du, whose L terms it sums as one elementwise loop; a minor-axis reduction is slow on
-  XLA:CPU) and scatter-adds into the two tables."""
+  """relu(u a[idx] + c[idx]): [..., M, L] (X: any leading axes). Two L-wide gathers, fused with
+  the ReLU that reads them. The custom backward keeps (u, idx) and the output (which the
+  attention products keep anyway): the ReLU mask is out > 0, so only a[idx] is gathered again
+  (fused with du, whose L terms it sums as one elementwise loop; a minor-axis reduction is slow
+  on XLA:CPU), and the cotangents are scatter-added into the two tables."""
   return _lookup_fwd(u_XxM, idx_XxM, a_SxL, c_SxL)[0]
 
 
-def _pre(u_XxM, idx_XxM, a_SxL, c_SxL):
-  gather = lambda tab_SxL: tab_SxL.at[idx_XxM].get(mode="promise_in_bounds")
-  a_XxMxL = gather(a_SxL)
-  return u_XxM[..., None] * a_XxMxL + gather(c_SxL), a_XxMxL
+def _gather(tab_SxL: Array, idx_XxM: Array) -> Array:
+  return tab_SxL.at[idx_XxM].get(mode="promise_in_bounds")
 
 
 def _lookup_fwd(u_XxM, idx_XxM, a_SxL, c_SxL):
-  return jax.nn.relu(_pre(u_XxM, idx_XxM, a_SxL, c_SxL)[0]), (u_XxM, idx_XxM, a_SxL, c_SxL)
+  out_XxMxL = jax.nn.relu(u_XxM[..., None] * _gather(a_SxL, idx_XxM) + _gather(c_SxL, idx_XxM))
+  return out_XxMxL, (u_XxM, idx_XxM, a_SxL, out_XxMxL)
 
 
 def _lookup_bwd(res, d_XxMxL):
-  u_XxM, idx_XxM, a_SxL, c_SxL = res
-  pre_XxMxL, a_XxMxL = _pre(u_XxM, idx_XxM, a_SxL, c_SxL)
-  d_XxMxL = jnp.where(pre_XxMxL > 0, d_XxMxL, 0.0)
+  # The barrier keeps XLA from merging the gather below with the forward's (CSE): merged, the
+  # gathered [.., L] array had two consumers, so it was written out instead of fused.
+  u_XxM, idx_XxM, a_SxL, out_XxMxL = jax.lax.optimization_barrier(res)
+  a_XxMxL = _gather(a_SxL, idx_XxM)
+  d_XxMxL = jnp.where(out_XxMxL > 0, d_XxMxL, 0.0)
   du_XxM = sum(d_XxMxL[..., i] * a_XxMxL[..., i] for i in range(a_SxL.shape[-1]))
   da_SxL = jnp.zeros_like(a_SxL).at[idx_XxM].add(d_XxMxL * u_XxM[..., None],
                                                  mode="promise_in_bounds")
-  dc_SxL = jnp.zeros_like(c_SxL).at[idx_XxM].add(d_XxMxL, mode="promise_in_bounds")
+  dc_SxL = jnp.zeros_like(a_SxL).at[idx_XxM].add(d_XxMxL, mode="promise_in_bounds")
   return du_XxM, None, da_SxL, dc_SxL
 
 
 lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
-def psi(u_XxM: Array, w1: Array, b1: Array, w2: Array, b2: Array) -> Array:
-  """relu(sum_j relu(u w1_j + b1_j) w2_jl + b2_l): [..., M, L] (X: any leading axes).
+def psi(u_XxM: Array, w1: Array, b1: Array, w2: Array, b2: Array, scale: float = 1.0
+        ) -> Array:
+  """scale * relu(sum_j relu(u w1_j + b1_j) w2_jl + b2_l): [..., M, L] (X: any leading axes).
 
   Shared MLP: w1, b1 [J], w2 [J, L], b2 [L]. One MLP per channel: the same with a leading
-  [M] axis (channel m's segments are rows m (J + 1) .. of flat [M (J + 1), L] tables)."""
+  [M] axis (channel m's segments are rows m (J + 1) .. of flat [M (J + 1), L] tables).
+  `scale` > 0 is folded into the table (relu(x) s = relu(x s)): no separate multiply."""
+  if not scale > 0:
+    raise ValueError(f"psi's scale must be positive, got {scale}")
+  # Unsigned segment indices: the gathers and scatters skip negative-index wrapping.
   if w1.ndim == 1:
-    t_J, a_SxL, c_SxL = _tables(w1, b1, w2, b2)
-    return lookup(u_XxM, segments(u_XxM, t_J), a_SxL, c_SxL)
-  t_MxJ, a_MxSxL, c_MxSxL = jax.vmap(_tables)(w1, b1, w2, b2)
+    t_J, a_SxL, c_SxL = _tables(w1, b1, w2, b2, scale)
+    return lookup(u_XxM, segments(u_XxM, t_J).astype(jnp.uint32), a_SxL, c_SxL)
+  t_MxJ, a_MxSxL, c_MxSxL = jax.vmap(_tables, in_axes=(0, 0, 0, 0, None))(w1, b1, w2, b2, scale)
   m, s, l = a_MxSxL.shape
-  idx_XxM = jnp.arange(m, dtype=jnp.int32) * s + segments(u_XxM, t_MxJ)
+  idx_XxM = (jnp.arange(m, dtype=jnp.int32) * s + segments(u_XxM, t_MxJ)).astype(jnp.uint32)
   return lookup(u_XxM, idx_XxM, a_MxSxL.reshape(m * s, l), c_MxSxL.reshape(m * s, l))

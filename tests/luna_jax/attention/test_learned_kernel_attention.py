@@ -99,16 +99,17 @@ def test_chunked_feature_map_is_exact_and_never_holds_the_hidden_activation():
   assert temp < hidden_bytes / 4      # unchunked: more than hidden_bytes (790 MiB measured)
 
 
-def _direct_psi(u_XxM, w1, b1, w2, b2):
+def _direct_psi(u_XxM, w1, b1, w2, b2, scale=1.0):
   """psi as the MLP it is (the implementation before scalar_mlp): the [.., M, hidden] activation."""
   h_XxMxJ = jax.nn.relu(u_XxM[..., None] * w1 + b1)
   spec = "...mj,jl->...ml" if w1.ndim == 1 else "...mj,mjl->...ml"
-  return jax.nn.relu(jnp.einsum(spec, h_XxMxJ, w2) + b2)
+  return jax.nn.relu(jnp.einsum(spec, h_XxMxJ, w2) + b2) * scale
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.3])
 @pytest.mark.parametrize("w1_zero", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
-def test_segment_lookup_psi_equals_the_mlp(shared, w1_zero):
+def test_segment_lookup_psi_equals_the_mlp(shared, w1_zero, scale):
   from luna_jax.attention import scalar_mlp
   m, j, l = 6, 16, 3
   lead = () if shared else (m,)
@@ -121,9 +122,10 @@ def test_segment_lookup_psi_equals_the_mlp(shared, w1_zero):
   w2 = jax.random.uniform(k[3], lead + (j, l), minval=-0.5, maxval=0.5)
   b2 = jax.random.uniform(k[4], lead + (l,), minval=-0.5, maxval=0.5)
   g = jax.random.normal(k[5], u.shape + (l,))
-  loss = lambda f: lambda *a: (f(*a) * g).sum()
+  loss = lambda f: lambda *a: (f(*a, scale=scale) * g).sum()
   args = (u, w1, b1, w2, b2)
-  want, got = _direct_psi(*args), jax.jit(scalar_mlp.psi)(*args)
+  want = _direct_psi(*args, scale=scale)
+  got = jax.jit(scalar_mlp.psi, static_argnames="scale")(*args, scale=scale)
   assert (want > 0).mean() > 0.2
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   gw = jax.grad(loss(_direct_psi), argnums=range(5))(*args)

@@ -236,3 +236,26 @@ def test_learned_kernel_rms_rescale_rejects_causal():
   module, variables = _build(*RMS_CONFIG)
   with pytest.raises(ValueError, match="rms_rescale"):
     module.clone(causal=True).apply(variables, X, MASK)
+
+
+@pytest.mark.parametrize("mode", ["eps", "floor", "none"])
+def test_heads_first_bidirectional_equals_bidirectional(mode):
+  """The learned kernel's [B, H, N, F] path: values and gradients of `bidirectional`, padded
+  keys dropped through v and the key sum instead of zeroed features."""
+  from luna_jax.attention import linear_common
+  k = jax.random.split(jax.random.key(3), 3)
+  q = jax.nn.relu(jax.random.normal(k[0], (B, H, N, 12)))
+  kk = jax.nn.relu(jax.random.normal(k[1], (B, H, N, 12)))
+  v = jax.random.normal(k[2], (B, N, H, 5))
+
+  def loss(fn, layout):
+    def f(q, kk, v):
+      out = fn(*layout(q, kk), v, MASK, eps=1e-6, mode=mode)
+      return (jnp.sin(out) * MASK[..., None, None]).sum()
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(q, kk, v)
+
+  want = loss(linear_common.bidirectional, lambda a, b: (a.swapaxes(1, 2), b.swapaxes(1, 2)))
+  got = loss(linear_common.bidirectional_heads_first, lambda a, b: (a, b))
+  assert float(jnp.abs(want[1][1]).max()) > 0       # the key gradient is not vacuous
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(jnp.abs(b).max())))
