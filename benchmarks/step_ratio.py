@@ -24,24 +24,15 @@ from benchmarks import xla_flags
 def _compiled_step(args: argparse.Namespace, config: str):
   import functools
   import jax
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from luna_jax import steps
   sub = argparse.Namespace(**{**vars(args), "config": config})
-  _, _, state, batch = xla_flags.synthetic_setup(sub)
-  devices = jax.devices()
-  if len(devices) > 1:      # data parallel over the host devices, as the trainer does
-    mesh = Mesh(np.array(devices), ("data",))
-    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+  state, batch = xla_flags.data_parallel(*xla_flags.synthetic_setup(sub)[2:])
   step = jax.jit(functools.partial(steps.train_step, redraw_every=0), donate_argnums=0)
   return step, state, batch
 
 
 def measure(args: argparse.Namespace) -> dict:
   """{"config", "baseline", per-side wall/cpu lists (s), "ratio_wall", "ratio_cpu" medians}."""
-  from luna_jax import runtime
-  runtime.set_cpu_dispatch()          # as train.py has it
   import jax
   key = jax.random.key(1)
   sides = {name: list(_compiled_step(args, cfg)) for name, cfg in
@@ -79,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--rounds", type=int, default=40)
   parser.add_argument("--out_json", default="")
   args = parser.parse_args(argv)
+  from luna_jax import runtime
+  runtime.set_cpu_dispatch()          # as train.py has it
   rep = measure(args)
   med = rep["median_ms"]
   print(f"{args.config}: {med['config']['wall']:.0f} ms wall, {med['config']['cpu']:.0f} ms CPU")

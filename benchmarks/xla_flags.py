@@ -66,6 +66,20 @@ def synthetic_setup(args: argparse.Namespace):
   return config, cfg, state, batch
 
 
+def data_parallel(state, batch):
+  """(state, batch) placed as the trainer places them: with several devices the batch is split
+  over them and the state replicated; unchanged on one device."""
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = jax.devices()
+  if len(devices) == 1:
+    return state, batch
+  mesh = Mesh(np.array(devices), ("data",))
+  return (jax.device_put(state, NamedSharding(mesh, P())),
+          jax.device_put(batch, NamedSharding(mesh, P("data"))))
+
+
 def worker(args: argparse.Namespace) -> None:
   """Runs in the subprocess: prints one JSON line."""
   import functools
@@ -76,17 +90,12 @@ def worker(args: argparse.Namespace) -> None:
   dispatch = runtime.set_cpu_dispatch()   # as train.py has it
 
   import jax
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from luna_jax import steps
 
   _, _, state, batch = synthetic_setup(args)
+  state, batch = data_parallel(state, batch)
   devices = jax.devices()
-  if len(devices) > 1:      # data parallel over the host devices, as the trainer does
-    mesh = Mesh(np.array(devices), ("data",))
-    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    state = jax.device_put(state, NamedSharding(mesh, P()))
   step = jax.jit(functools.partial(steps.train_step, redraw_every=0), donate_argnums=0)
   key = jax.random.key(1)
   t0 = time.perf_counter()

@@ -42,9 +42,9 @@
 #
 # It runs with the repository root or `notebooks/` as its working directory (Jupyter starts
 # kernels in the notebook's folder); the first code cell moves to the repository root, and
-# `WORKDIR` and `OUT_DIR` are relative to it. On 2 busy CPU cores the run saved here took 4
-# minutes (training; generating the Pathfinder images the first time adds about a minute), and
-# seconds once the runs exist.
+# `WORKDIR` and `OUT_DIR` are relative to it. On 2 CPU cores the run saved here took 3 minutes,
+# generating the Pathfinder images (the first time only) included, and takes seconds once the
+# runs exist.
 #
 # Source: `notebooks/attention_maps.py` (jupytext, paired with the `.ipynb`; edit the `.py`
 # and run `jupytext --sync notebooks/attention_maps.py`).
@@ -103,7 +103,7 @@ def show(fig, name):
 # seen as 16 tokens, its 4x4-pixel patches, by a 2-layer Luna with l = 16. Its schedule does
 # not depend on the step count, so 2,000 steps are the first half of the 4,000-step run in
 # `results/pathfinder_quick/` (validation accuracy 0.71 at step 2,000 there, 0.78 at 4,000;
-# chance is 0.5; test accuracy 0.715 at step 2,000 in the run saved here). With `TINY` the data
+# chance is 0.5; test accuracy 0.717 at step 2,000 in the run saved here). With `TINY` the data
 # and models shrink so that the notebook runs in a minute or two (the tests use this); the maps
 # are then those of barely trained models.
 
