@@ -56,6 +56,7 @@ def measure(args: argparse.Namespace) -> dict:
   ratio = {k: statistics.median(a / b for a, b in zip(times["config"][k], times["baseline"][k]))
            for k in ("wall", "cpu")}
   return {"config": args.config, "baseline": args.baseline, "rounds": args.rounds,
+          "psi_floor": bool(getattr(args, "psi_floor", False)),
           "devices": len(jax.devices()), "times_s": times,
           "median_ms": {n: {k: 1e3 * statistics.median(v) for k, v in t.items()}
                         for n, t in times.items()},
@@ -68,8 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
   xla_flags.add_step_arguments(parser)
   parser.add_argument("--baseline", required=True, help="config of the denominator step")
   parser.add_argument("--rounds", type=int, default=40)
+  parser.add_argument("--psi_floor", action="store_true",
+                      help="learned kernel with psi replaced by relu(u w2[0] + b2) (same shapes, "
+                           "no segment lookup): what its F-wide features cost without psi")
   parser.add_argument("--out_json", default="")
   args = parser.parse_args(argv)
+  if args.psi_floor:
+    import jax
+    from luna_jax.attention import scalar_mlp
+    scalar_mlp.psi = (lambda u, w1, b1, w2, b2, scale=1.0:
+                      jax.nn.relu(u[..., None] * w2[0] + b2) * scale)
   from luna_jax import runtime
   runtime.set_cpu_dispatch()          # as train.py has it
   rep = measure(args)
