@@ -94,6 +94,19 @@ class PathfinderParams:
     return 2.0 * math.atan(self.continuity / self.paddle_length)
 
 
+# params_for's per-resolution settings; 16 is ours (the quick set, configs/pathfinder.py:quick).
+_PER_RESOLUTION = {
+    16: dict(padding=1, paddle_length=2, paddle_thickness=1, paddle_margin=1, marker_radius=1.5,
+             seed_distance=4, continuity=1.0, distractor_budget=0, paddle_contrast=0.75),
+    32: dict(padding=1, paddle_length=2, paddle_thickness=0.5, paddle_margin=1, marker_radius=1.5,
+             seed_distance=7, continuity=1.0, distractor_budget=20, paddle_contrast=0.75),
+    64: dict(padding=2, paddle_length=4, paddle_thickness=1, paddle_margin=2, marker_radius=2.5,
+             seed_distance=12, continuity=1.8, distractor_budget=22, paddle_contrast=0.8),
+    128: dict(padding=4, paddle_length=8, paddle_thickness=2, paddle_margin=4, marker_radius=5,
+              seed_distance=24, continuity=3.6, distractor_budget=24, paddle_contrast=0.8),
+}
+
+
 def params_for(resolution: int, difficulty: str) -> PathfinderParams:
   """The parameters used for `resolution` (16, 32, 64 or 128) and `difficulty`."""
   if difficulty not in DIFFICULTIES:
@@ -102,22 +115,8 @@ def params_for(resolution: int, difficulty: str) -> PathfinderParams:
   length = DIFFICULTIES[difficulty]
   common = dict(resolution=resolution, contour_length=length, antialias_scale=2,
                 snake_contrast=2)
-  if resolution == 16:      # ours: the quick set (configs/pathfinder.py:quick)
-    return PathfinderParams(padding=1, paddle_length=2, paddle_thickness=1, paddle_margin=1,
-                            marker_radius=1.5, seed_distance=4, continuity=1.0,
-                            distractor_budget=0, paddle_contrast=0.75, **common)
-  if resolution == 32:
-    return PathfinderParams(padding=1, paddle_length=2, paddle_thickness=0.5, paddle_margin=1,
-                            marker_radius=1.5, seed_distance=7, continuity=1.0,
-                            distractor_budget=20, paddle_contrast=0.75, **common)
-  if resolution == 64:
-    return PathfinderParams(padding=2, paddle_length=4, paddle_thickness=1, paddle_margin=2,
-                            marker_radius=2.5, seed_distance=12, continuity=1.8,
-                            distractor_budget=22, paddle_contrast=0.8, **common)
-  if resolution == 128:
-    return PathfinderParams(padding=4, paddle_length=8, paddle_thickness=2, paddle_margin=4,
-                            marker_radius=5, seed_distance=24, continuity=3.6,
-                            distractor_budget=24, paddle_contrast=0.8, **common)
+  if resolution in _PER_RESOLUTION:
+    return PathfinderParams(**_PER_RESOLUTION[resolution], **common)
   raise ValueError(f"unsupported Pathfinder resolution {resolution}; expected one of "
                    f"{RESOLUTIONS}")
 
