@@ -70,15 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--baseline", required=True, help="config of the denominator step")
   parser.add_argument("--rounds", type=int, default=40)
   parser.add_argument("--psi_floor", action="store_true",
-                      help="learned kernel with psi replaced by relu(u w2[0] + b2) (same shapes, "
-                           "no segment lookup): what its F-wide features cost without psi")
+                      help="learned kernel with psi replaced by relu(u c_l + 0.1), c_l fixed (same "
+                           "shapes, no lookup, no psi parameters): what its F-wide features cost "
+                           "without psi")
   parser.add_argument("--out_json", default="")
   args = parser.parse_args(argv)
   if args.psi_floor:
     import jax
     from luna_jax.attention import scalar_mlp
+    import jax.numpy as jnp
+    slopes_L = jnp.linspace(-1.0, 1.0, 4)
     scalar_mlp.psi = (lambda u, w1, b1, w2, b2, scale=1.0:
-                      jax.nn.relu(u[..., None] * w2[0] + b2) * scale)
+                      jax.nn.relu(u[..., None] * slopes_L[:w2.shape[-1]] + 0.1) * scale)
   from luna_jax import runtime
   runtime.set_cpu_dispatch()          # as train.py has it
   rep = measure(args)

@@ -159,3 +159,22 @@ def test_attention_outputs_and_gradients_equal_the_direct_mlp(monkeypatch, kw):
   np.testing.assert_allclose(y_new, y_old, rtol=1e-5, atol=1e-5)
   for a, b_ in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old)):
     np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * float(jnp.abs(b_).max()))
+
+
+def test_segment_lookup_psi_with_an_odd_number_of_entries():
+  """105 entries: the forward's two-half loop falls back to one part."""
+  from luna_jax.attention import scalar_mlp
+  k = jax.random.split(jax.random.key(4), 6)
+  u = 2.0 * jax.random.normal(k[0], (3, 5, 7))
+  w1, b1 = (jax.random.uniform(k[i], (16,), minval=-1, maxval=1) for i in (1, 2))
+  w2 = jax.random.uniform(k[3], (16, 3), minval=-0.5, maxval=0.5)
+  b2 = jax.random.uniform(k[4], (3,), minval=-0.5, maxval=0.5)
+  g = jax.random.normal(k[5], u.shape + (3,))
+  args = (u, w1, b1, w2, b2)
+  np.testing.assert_allclose(jax.jit(scalar_mlp.psi)(*args), _direct_psi(*args), rtol=1e-5,
+                             atol=1e-6)
+  loss = lambda f: lambda *a: (f(*a) * g).sum()
+  gg = jax.jit(jax.grad(loss(scalar_mlp.psi), argnums=range(5)))(*args)
+  gw = jax.grad(loss(_direct_psi), argnums=range(5))(*args)
+  for a, b in zip(gg, gw):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
